@@ -1,0 +1,132 @@
+"""The ``ehrgpt`` command: one subcommand per stage, each a thin wrapper over a public function.
+
+Options can also come from a TOML file (``--config FILE``, keys named like the options with
+underscores); options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tomllib
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ehrgpt import __version__
+from ehrgpt.errors import EhrgptError
+from ehrgpt.tokenizer.time_tokens import SCHEMES
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _load_config(ctx: click.Context, _param, value: str | None):
+    if value:
+        path = Path(value)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise click.BadParameter(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise click.BadParameter(f"config file {path} is not valid TOML: {exc}") from None
+        ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+    expose_value=False, help="TOML file with option values (command-line options win).",
+)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EhrgptError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ehrgpt")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logging.")
+def main(verbose: bool) -> None:
+    """ehrgpt: CEHR-GPT for OMOP CDM and MEDS data."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+    )
+
+
+def _summary_table(result) -> Table:
+    table = Table(title="prepare: summary", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rate = result.n_events / max(result.seconds, 1e-9)
+    for what, value in (
+        ("run folder", str(result.run_dir)),
+        ("events (MEDS rows from clinical tables)", f"{result.n_events:,}"),
+        ("subjects", f"{result.n_subjects:,}"),
+        ("tokens", f"{result.n_tokens:,}"),
+        ("vocabulary", f"{result.vocab_size:,}"),
+        ("seconds", f"{result.seconds:.1f}"),
+        ("events per second", f"{rate:,.0f}"),
+    ):
+        table.add_row(what, value)
+    return table
+
+
+def _run_prepare(**kwargs) -> None:
+    from ehrgpt.prepare import prepare
+
+    result = prepare(**kwargs)
+    result.quality.render(console)
+    console.print(_summary_table(result))
+
+
+@main.command("prepare")
+@config_option
+@click.option("--source", default="eunomia", show_default=True,
+              help="'eunomia', a DuckDB file, a folder of OMOP CSV/parquet tables, a PostgreSQL "
+                   "URL (postgresql://user@host:port/db?schema=cdm) or a MEDS 0.4 folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder to create.")
+@click.option("--att-scheme", type=click.Choice(SCHEMES), default="day", show_default=True,
+              help="How gaps between visits become tokens.")
+@click.option("--min-prevalence", type=float, default=0.001, show_default=True,
+              help="Share of training patients a code needs to enter the vocabulary.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subject split.")
+@click.option("--shard-size", type=int, default=20_000, show_default=True,
+              help="Subjects per MEDS shard.")
+@click.option("--vocab-from", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A run folder (or tokenizer folder) whose vocabulary is expanded, old ids kept.")
+@click.option("--meds-visit-rule", default="day", show_default=True,
+              help="For MEDS data without visit_id: 'day' or 'hours:N'.")
+@click.option("--memory-limit", default="2GB", show_default=True,
+              help="Memory the database engine may use before spilling to disk.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only on success).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def prepare_cmd(no_progress: bool, **kwargs) -> None:
+    """Turn OMOP or MEDS data into a MEDS dataset, a vocabulary and tokenized timelines."""
+    _run_prepare(progress=not no_progress, **kwargs)
+
+
+@main.command("demo")
+@config_option
+@click.option("--out", default=Path("runs/demo"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Demo run folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def demo_cmd(out: Path, seed: int, no_progress: bool) -> None:
+    """Run the whole chain on the bundled Eunomia data (today: prepare)."""
+    console.rule("ehrgpt demo: prepare Eunomia GiBleed (2,694 patients)")
+    _run_prepare(source="eunomia", out=out / "prepared", seed=seed, overwrite=True,
+                 progress=not no_progress)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

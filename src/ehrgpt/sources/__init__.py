@@ -1,0 +1,1 @@
+"""Where clinical data comes from: OMOP CDM (DuckDB, folders, PostgreSQL) and MEDS."""

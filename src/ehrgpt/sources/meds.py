@@ -1,0 +1,166 @@
+"""A user's MEDS 0.4 folder -> ehrgpt's MEDS layout (checked, split, sharded, with visit ids).
+
+Each data shard is checked against the MEDS 0.4 schema first (a broken one stops the run,
+naming the file and the column). The user's ``metadata/subject_splits.parquet`` is kept when
+present (``train`` / ``tuning`` / ``held_out``); otherwise subjects are split by ``--seed``.
+
+Visits: MEDS has no visit concept. When the data has no ``visit_id`` column, a rule makes one
+(``--meds-visit-rule``):
+
+- ``day`` (default): a subject's events on one calendar day form one visit;
+- ``hours:N``: a new visit starts when an event comes more than N hours after the previous one.
+
+Visits made this way have the unknown visit type (``VISIT/UNKNOWN``). Codes ``VISIT/...``
+at a visit's start and ``DISCHARGE/...`` inside it are understood when the data has them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from ehrgpt import meds_columns as mc
+from ehrgpt.errors import SourceError
+from ehrgpt.meds_dataset import (
+    assign_splits,
+    check_shard,
+    data_shards,
+    shard_assignment,
+    write_metadata,
+)
+from ehrgpt.progress import Steps
+from ehrgpt.quality import QualityReport
+from ehrgpt.sources.omop import sql_str
+from ehrgpt.sources.omop_to_meds import MedsResult, sort_partitions
+
+_SQL_TYPES = {
+    mc.VISIT_ID: "BIGINT", mc.END: "TIMESTAMP", mc.OMOP_TABLE: "VARCHAR", mc.UNIT: "VARCHAR",
+    mc.VALUE_CODE: "VARCHAR", mc.NUMERIC_VALUE: "FLOAT", mc.TEXT_VALUE: "VARCHAR",
+}
+
+
+def visit_rule_sql(rule: str) -> tuple[str, str]:
+    """SQL for a visit rule: (a ``new_visit`` flag per row, the visit id from that flag).
+
+    Both work on rows with a ``timed`` flag (timed events other than birth and death).
+
+    >>> "date_trunc" in visit_rule_sql("day")[1], "INTERVAL 6 HOUR" in visit_rule_sql("hours:6")[0]
+    (True, True)
+    """
+    window = "PARTITION BY subject_id, timed ORDER BY time"
+    if rule == "day":
+        return ("0", f"CASE WHEN timed THEN dense_rank() OVER (PARTITION BY subject_id, timed "
+                     "ORDER BY date_trunc('day', time)) END")
+    match = re.fullmatch(r"hours:(\d+)", rule)
+    if not match:
+        raise SourceError(f"Unknown MEDS visit rule {rule!r}: use 'day' or 'hours:N'.")
+    new_visit = (f"CASE WHEN time - lag(time) OVER ({window}) <= INTERVAL {int(match.group(1))} "
+                 "HOUR THEN 0 ELSE 1 END")
+    return new_visit, (f"CASE WHEN timed THEN sum(new_visit) OVER ({window} "
+                       "ROWS UNBOUNDED PRECEDING) END")
+
+
+def _splits(src: Path, con, shards_sql: str, seed: int) -> pl.DataFrame:
+    ids = con.execute(f"SELECT DISTINCT subject_id FROM {shards_sql}").fetchnumpy()["subject_id"]
+    path = src / "metadata" / "subject_splits.parquet"
+    if not path.exists():
+        return assign_splits(ids, seed=seed)
+    try:
+        given = pl.read_parquet(path).select(pl.col("subject_id").cast(pl.Int64),
+                                             pl.col("split").cast(pl.String))
+    except Exception as exc:
+        raise SourceError(f"{path} is not a MEDS subject_splits file: {exc}") from None
+    known = {"train", "tuning", "held_out"}
+    others = set(given["split"].unique().to_list()) - known
+    if others:
+        raise SourceError(f"{path} uses split names {sorted(others)}; MEDS splits are "
+                          "train, tuning and held_out.")
+    missing = pl.DataFrame({"subject_id": ids}).join(given, on="subject_id", how="anti")
+    if missing.height:
+        raise SourceError(f"{path} gives no split for {missing.height} subject(s) of the data, "
+                          f"for example subject {missing['subject_id'][0]}.")
+    return given
+
+
+def import_meds(
+    src: Path,
+    meds_dir: Path,
+    quality: QualityReport,
+    *,
+    seed: int = 0,
+    shard_size: int = 20_000,
+    visit_rule: str = "day",
+    progress: bool = True,
+) -> MedsResult:
+    """Check and copy a MEDS folder into ``meds_dir`` in ehrgpt's layout (see module doc)."""
+    shards = data_shards(src)
+    steps = Steps(4, "MEDS import", enabled=progress)
+    steps.advance("checking shards")
+    for shard in shards:
+        check_shard(shard)
+    quality.source = f"MEDS folder {src}"
+    staging = meds_dir.parent / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(staging / "meds.duckdb"))
+    try:
+        shards_sql = ("read_parquet([" + ", ".join(sql_str(str(s)) for s in shards)
+                      + "], union_by_name=true)")
+        columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {shards_sql}").fetchall()}
+        select = ["subject_id", "CAST(time AS TIMESTAMP) AS time", "code"]
+        new_visit, visit_expr = visit_rule_sql(visit_rule)
+        outer = ["subject_id", "time", "code"]
+        for col in (mc.NUMERIC_VALUE, mc.TEXT_VALUE, *mc.EXTRA_COLUMNS):
+            if col in columns:
+                select.append(f"CAST({col} AS {_SQL_TYPES[col]}) AS {col}")
+                outer.append(col)
+            elif col == mc.VISIT_ID:
+                outer.append(f"{visit_expr} AS {col}")
+            else:
+                outer.append(f"NULL::{_SQL_TYPES[col]} AS {col}")
+        timed = f"time IS NOT NULL AND code NOT IN ('{mc.BIRTH_CODE}', '{mc.DEATH_CODE}')"
+        rows_sql = f"""
+            SELECT {", ".join(outer)} FROM (
+                SELECT *, {new_visit} AS new_visit FROM (
+                    SELECT {", ".join(select)}, ({timed}) AS timed FROM {shards_sql}))"""
+        n_rows = con.execute(f"SELECT count(*) FROM {shards_sql}").fetchall()[0][0]
+
+        steps.advance("splits")
+        splits = shard_assignment(_splits(src, con, shards_sql, seed), shard_size)
+        con.register("split_frame", splits.to_arrow())
+        steps.advance("writing shards")
+        parts = staging / "meds_parts"
+        shutil.rmtree(parts, ignore_errors=True)
+        con.execute(f"""
+            COPY (SELECT m.*, s.split, s.shard FROM ({rows_sql}) m
+                  JOIN split_frame s ON s.subject_id = m.subject_id)
+            TO {sql_str(str(parts))} (FORMAT parquet, PARTITION_BY (split, shard))
+        """)
+        out_shards = sort_partitions(parts, meds_dir / "data")
+    finally:
+        con.close()
+    steps.advance("metadata")
+    codes_path = src / "metadata" / "codes.parquet"
+    used = pl.scan_parquet(out_shards).select("code").unique().collect()
+    codes = used
+    if codes_path.exists():
+        given = pl.read_parquet(codes_path)
+        keep = [c for c in given.columns if c != "parent_codes" or
+                given.schema[c] == pl.List(pl.String)]
+        codes = used.join(given.select(keep).unique("code"), on="code", how="left")
+    name = "meds"
+    dataset_json = src / "metadata" / "dataset.json"
+    if dataset_json.exists():
+        name = json.loads(dataset_json.read_text()).get("dataset_name") or name
+    write_metadata(meds_dir, dataset_name=name, codes=codes, splits=splits,
+                   extra_columns=mc.EXTRA_COLUMNS)
+    quality.add_table("MEDS data", read=n_rows, used=n_rows,
+                      note=("visits from the data" if mc.VISIT_ID in columns
+                            else f"visits by rule {visit_rule!r}"))
+    quality.patients = {"in MEDS data": splits.height, "kept": splits.height}
+    steps.close()
+    return MedsResult(meds_dir, int(n_rows), splits.height, out_shards)

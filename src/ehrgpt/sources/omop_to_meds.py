@@ -1,0 +1,447 @@
+"""OMOP CDM -> MEDS 0.4, in DuckDB SQL: clean, rebuild missing visits, write shards by subject.
+
+Steps (each a table in the staging database, so nothing needs to fit in memory):
+
+1. persons with a birth time; deaths (earliest per person);
+2. visits, with rows set aside by reason (null dates, end before start, before birth,
+   after death, unknown person, duplicates);
+3. events from the six clinical tables, set aside by reason (null dates, concept 0, unknown
+   person, before birth, after death, exact duplicates);
+4. visits rebuilt for events that name a visit id absent from visit_occurrence (one visit per
+   missing id, dated by its events, outpatient), events without a visit id attached to a visit
+   of the same person covering their date, or grouped per person and day into a visit of
+   unknown type;
+5. MEDS rows (static person codes, MEDS_BIRTH, visits, discharges, events, MEDS_DEATH), split
+   and sharded by subject, sorted by subject and time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from ehrgpt import meds_columns as mc
+from ehrgpt.meds_dataset import (
+    assign_splits,
+    shard_assignment,
+    write_metadata,
+    write_parquet_atomic,
+)
+from ehrgpt.progress import Steps
+from ehrgpt.quality import QualityReport
+from ehrgpt.sources.omop import OmopDatabase, sql_str
+from ehrgpt.sources.omop_tables import EVENT_TABLES
+
+#: Visit concept given to visits rebuilt from a visit id that visit_occurrence lacks.
+REBUILT_VISIT_CONCEPT = 9202
+_BIRTH = (
+    "coalesce(birth_datetime, TRY_CAST(printf('%04d-%02d-%02d', year_of_birth, "
+    "coalesce(nullif(month_of_birth, 0), 1), coalesce(nullif(day_of_birth, 0), 1)) AS TIMESTAMP))"
+)
+
+
+@dataclass
+class MedsResult:
+    """What the conversion wrote."""
+
+    meds_dir: Path
+    n_events: int
+    n_subjects: int
+    shards: list[Path]
+
+
+def _reason_counts(con, table: str) -> tuple[int, int, dict[str, int]]:
+    rows = con.execute(f"SELECT reason, count(*) FROM {table} GROUP BY reason").fetchall()
+    counts = {r: n for r, n in rows if r is not None}
+    used = next((n for r, n in rows if r is None), 0)
+    return used + sum(counts.values()), used, counts
+
+
+def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
+    con.execute(f"""
+        CREATE OR REPLACE TABLE p_flag AS
+        SELECT *, CASE
+            WHEN person_id IS NULL THEN 'null person id'
+            WHEN birth IS NULL THEN 'null dates'
+            WHEN rn > 1 THEN 'duplicate person id' END AS reason
+        FROM (SELECT person_id, gender_concept_id, race_concept_id, ethnicity_concept_id,
+                     {_BIRTH} AS birth,
+                     row_number() OVER (PARTITION BY person_id ORDER BY birth_datetime) AS rn
+              FROM omop_person)
+    """)
+    con.execute("CREATE OR REPLACE TABLE persons AS SELECT * EXCLUDE (rn, reason) FROM p_flag "
+                "WHERE reason IS NULL")
+    read, used, reasons = _reason_counts(con, "p_flag")
+    quality.add_table("person", read=read, used=used, set_aside=reasons)
+
+    con.execute("""
+        CREATE OR REPLACE TABLE d_flag AS
+        SELECT d.person_id, d.t AS death_time, CASE
+            WHEN d.t IS NULL THEN 'null dates'
+            WHEN p.person_id IS NULL THEN 'unknown person'
+            WHEN CAST(d.t AS DATE) < CAST(p.birth AS DATE) THEN 'event before birth'
+            WHEN row_number() OVER (PARTITION BY d.person_id ORDER BY d.t) > 1
+                THEN 'duplicate death record' END AS reason
+        FROM (SELECT person_id, coalesce(death_datetime, CAST(death_date AS TIMESTAMP)) AS t
+              FROM omop_death) d
+        LEFT JOIN persons p USING (person_id)
+    """)
+    con.execute("CREATE OR REPLACE TABLE deaths AS SELECT person_id, death_time FROM d_flag "
+                "WHERE reason IS NULL")
+    _add_table_quality(con, db, quality, "death", "d_flag")
+
+
+def _add_table_quality(con, db: OmopDatabase, quality: QualityReport, table: str, flag: str):
+    info = db.tables[table]
+    if info.status == "ok":
+        read, used, reasons = _reason_counts(con, flag)
+        quality.add_table(table, read=read, used=used, set_aside=reasons)
+    elif info.status == "malformed":
+        quality.add_table(table, read=info.n_rows, used=0, set_aside={"malformed table": info.n_rows},
+                          status="malformed", note=info.problem)
+    else:
+        quality.add_table(table, read=0, used=0, status="missing", note="no such table")
+
+
+def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
+    con.execute("""
+        CREATE OR REPLACE TABLE v_flag AS
+        SELECT v.*, CASE
+            WHEN v.visit_id IS NULL THEN 'null visit id'
+            WHEN v.start_time IS NULL THEN 'null dates'
+            WHEN p.person_id IS NULL THEN 'unknown person'
+            WHEN CAST(v.end_time AS DATE) < CAST(v.start_time AS DATE) THEN 'end before start'
+            WHEN CAST(v.start_time AS DATE) < CAST(p.birth AS DATE) THEN 'event before birth'
+            WHEN CAST(v.start_time AS DATE) > CAST(d.death_time AS DATE) THEN 'event after death'
+            WHEN row_number() OVER (PARTITION BY v.visit_id, v.person_id, v.visit_concept_id,
+                 v.start_time, v.end_time, v.discharge ORDER BY v.visit_id) > 1
+                THEN 'exact duplicates'
+            WHEN row_number() OVER (PARTITION BY v.visit_id ORDER BY v.start_time) > 1
+                THEN 'duplicate visit id' END AS reason
+        FROM (SELECT visit_occurrence_id AS visit_id, person_id, visit_concept_id,
+                     coalesce(visit_start_datetime, CAST(visit_start_date AS TIMESTAMP)) AS start_time,
+                     coalesce(visit_end_datetime, CAST(visit_end_date AS TIMESTAMP)) AS end_time,
+                     discharged_to_concept_id AS discharge
+              FROM omop_visit_occurrence) v
+        LEFT JOIN persons p USING (person_id)
+        LEFT JOIN deaths d USING (person_id)
+    """)
+    con.execute("""
+        CREATE OR REPLACE TABLE visits AS
+        SELECT person_id, visit_id, coalesce(visit_concept_id, 0) AS visit_concept_id, start_time,
+               greatest(coalesce(end_time, start_time), start_time) AS end_time, discharge,
+               'visit_occurrence' AS origin
+        FROM v_flag WHERE reason IS NULL
+    """)
+    _add_table_quality(con, db, quality, "visit_occurrence", "v_flag")
+
+
+def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
+    parts = []
+    for t in EVENT_TABLES:
+        end = (f"coalesce({t.end_datetime}, CAST({t.end_date} AS TIMESTAMP))"
+               if t.end_date else "NULL::TIMESTAMP")
+        parts.append(f"""
+            SELECT {sql_str(t.name)} AS tbl, person_id, {t.concept} AS concept_id,
+                   coalesce({t.start_datetime}, CAST({t.start_date} AS TIMESTAMP)) AS t,
+                   {end} AS t_end, visit_occurrence_id AS vid,
+                   {"value_as_number" if t.value_as_number else "NULL::DOUBLE"} AS value,
+                   {"value_as_concept_id" if t.value_as_concept else "NULL::BIGINT"} AS value_concept,
+                   {"unit_concept_id" if t.unit else "NULL::BIGINT"} AS unit_concept,
+                   {"value_as_string" if t.value_as_string else "NULL::VARCHAR"} AS text
+            FROM omop_{t.name}""")
+    con.execute(f"""
+        CREATE OR REPLACE TABLE e_flag AS
+        SELECT e.*, CASE
+            WHEN e.t IS NULL THEN 'null dates'
+            WHEN p.person_id IS NULL THEN 'unknown person'
+            WHEN coalesce(e.concept_id, 0) = 0 THEN 'concept 0'
+            WHEN CAST(e.t AS DATE) < CAST(p.birth AS DATE) THEN 'event before birth'
+            WHEN CAST(e.t AS DATE) > CAST(d.death_time AS DATE) THEN 'event after death'
+            END AS reason
+        FROM ({" UNION ALL ".join(parts)}) e
+        LEFT JOIN persons p USING (person_id)
+        LEFT JOIN deaths d USING (person_id)
+    """)
+    # Exact duplicates among otherwise usable rows: keep one of each group.
+    con.execute("""
+        CREATE OR REPLACE TABLE events AS
+        SELECT tbl, person_id, concept_id, t, t_end, vid, value, value_concept, unit_concept, text,
+               count(*) AS n_copies, row_number() OVER () AS eid
+        FROM e_flag WHERE reason IS NULL
+        GROUP BY ALL
+    """)
+    rows = con.execute("""
+        SELECT tbl, reason, count(*) FROM e_flag WHERE reason IS NOT NULL GROUP BY ALL
+        UNION ALL
+        SELECT tbl, 'exact duplicates', sum(n_copies - 1) FROM events GROUP BY tbl
+        UNION ALL
+        SELECT tbl, NULL, count(*) FROM events GROUP BY tbl
+    """).fetchall()
+    for t in EVENT_TABLES:
+        info = db.tables[t.name]
+        if info.status != "ok":
+            _add_table_quality(con, db, quality, t.name, "")
+            continue
+        reasons = {r: int(n) for tbl, r, n in rows if tbl == t.name and r is not None}
+        used = sum(int(n) for tbl, r, n in rows if tbl == t.name and r is None)
+        quality.add_table(t.name, read=info.n_rows, used=used, set_aside=reasons)
+
+
+def _rebuild_visits(con, quality: QualityReport) -> None:
+    # 1. Visit ids named by events but absent from visit_occurrence: one outpatient visit each.
+    con.execute(f"""
+        INSERT INTO visits
+        SELECT e.person_id, e.vid, {REBUILT_VISIT_CONCEPT}, min(e.t), max(e.t), NULL,
+               'rebuilt from missing visit id'
+        FROM events e ANTI JOIN visits v ON e.vid = v.visit_id
+        WHERE e.vid IS NOT NULL
+        GROUP BY e.person_id, e.vid
+    """)
+    # Events naming a visit of another person are treated as naming no visit.
+    con.execute("""
+        CREATE OR REPLACE TABLE event_visit AS
+        SELECT e.eid, e.vid AS visit_id FROM events e
+        JOIN visits v ON e.vid = v.visit_id AND e.person_id = v.person_id
+    """)
+    # 2. Events without a (usable) visit id: attach to a visit of the person covering the day.
+    con.execute("""
+        CREATE OR REPLACE TABLE unattached AS
+        SELECT e.eid, e.person_id, e.t FROM events e ANTI JOIN event_visit ev USING (eid)
+    """)
+    n_unattached = con.execute("SELECT count(*) FROM unattached").fetchall()[0][0]
+    con.execute("""
+        INSERT INTO event_visit
+        SELECT eid, visit_id FROM (
+            SELECT u.eid, v.visit_id, row_number() OVER (
+                PARTITION BY u.eid ORDER BY v.start_time DESC, v.visit_id) AS rn
+            FROM unattached u JOIN visits v ON u.person_id = v.person_id
+             AND CAST(u.t AS DATE) BETWEEN CAST(v.start_time AS DATE) AND CAST(v.end_time AS DATE))
+        WHERE rn = 1
+    """)
+    # 3. The rest: one visit of unknown type per person and day (negative ids, never in OMOP).
+    con.execute("""
+        CREATE OR REPLACE TABLE day_groups AS
+        SELECT u.eid, u.person_id, u.t,
+               -dense_rank() OVER (ORDER BY u.person_id, CAST(u.t AS DATE)) AS visit_id
+        FROM unattached u ANTI JOIN event_visit ev USING (eid)
+    """)
+    con.execute("""
+        INSERT INTO visits
+        SELECT person_id, visit_id, 0, min(t), max(t), NULL, 'grouped per person and day'
+        FROM day_groups GROUP BY person_id, visit_id
+    """)
+    con.execute("INSERT INTO event_visit SELECT eid, visit_id FROM day_groups")
+    counts = dict(con.execute("SELECT origin, count(*) FROM visits GROUP BY origin").fetchall())
+    n_grouped_events = con.execute("SELECT count(*) FROM day_groups").fetchall()[0][0]
+    quality.visits = {
+        "from visit_occurrence": int(counts.get("visit_occurrence", 0)),
+        "rebuilt from missing visit ids": int(counts.get("rebuilt from missing visit id", 0)),
+        "events without a usable visit id": int(n_unattached),
+        "  attached to a covering visit": int(n_unattached - n_grouped_events),
+        "  grouped per person and day": int(n_grouped_events),
+        "visits made from day groups": int(counts.get("grouped per person and day", 0)),
+    }
+
+
+def _code_tables(con) -> None:
+    con.execute("""
+        CREATE OR REPLACE TABLE code_map AS
+        SELECT concept_id, vocabulary_id || '/' || concept_code AS code, concept_name, domain_id,
+               vocabulary_id
+        FROM omop_concept WHERE concept_id IS NOT NULL AND vocabulary_id IS NOT NULL
+          AND concept_code IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY concept_code) = 1
+    """)
+
+
+def _code(expr: str, alias: str) -> str:
+    return f"coalesce({alias}.code, '{mc.FALLBACK_CONCEPT_PREFIX}' || CAST({expr} AS VARCHAR))"
+
+
+def _meds_rows_sql() -> str:
+    g, r, eth = mc.GENDER_PREFIX, mc.RACE_PREFIX, mc.ETHNICITY_PREFIX
+    unknown = mc.UNKNOWN
+
+    def attr(col: str, prefix: str) -> str:
+        return (f"CASE WHEN coalesce({col}, 0) = 0 THEN '{prefix}{unknown}' "
+                f"ELSE '{prefix}' || CAST({col} AS VARCHAR) END")
+
+    static = " UNION ALL ".join(
+        f"SELECT person_id AS subject_id, NULL::TIMESTAMP AS time, {attr(col, pre)} AS code, "
+        "NULL::FLOAT AS numeric_value, NULL::VARCHAR AS text_value, NULL::BIGINT AS visit_id, "
+        "NULL::TIMESTAMP AS \"end\", 'person' AS omop_table, NULL::VARCHAR AS unit, "
+        "NULL::VARCHAR AS value_code FROM kept"
+        for col, pre in (("gender_concept_id", g), ("race_concept_id", r),
+                         ("ethnicity_concept_id", eth))
+    )
+    return f"""
+        {static}
+        UNION ALL
+        SELECT person_id, birth, '{mc.BIRTH_CODE}', NULL, NULL, NULL, NULL, 'person', NULL, NULL
+        FROM kept
+        UNION ALL
+        SELECT v.person_id, v.start_time, {attr("v.visit_concept_id", mc.VISIT_PREFIX)}, NULL,
+               NULL, v.visit_id, v.end_time, 'visit_occurrence', NULL, NULL
+        FROM visits v SEMI JOIN kept k ON v.person_id = k.person_id
+        UNION ALL
+        SELECT v.person_id, v.end_time, '{mc.DISCHARGE_PREFIX}' || CAST(v.discharge AS VARCHAR),
+               NULL, NULL, v.visit_id, NULL, 'visit_occurrence', NULL, NULL
+        FROM visits v SEMI JOIN kept k ON v.person_id = k.person_id
+        WHERE coalesce(v.discharge, 0) <> 0
+        UNION ALL
+        SELECT e.person_id, e.t, {_code("e.concept_id", "c")}, CAST(e.value AS FLOAT), e.text,
+               ev.visit_id, e.t_end, e.tbl,
+               CASE WHEN coalesce(e.unit_concept, 0) <> 0 THEN {_code("e.unit_concept", "u")} END,
+               CASE WHEN coalesce(e.value_concept, 0) <> 0 THEN {_code("e.value_concept", "vc")} END
+        FROM events e
+        JOIN event_visit ev USING (eid)
+        LEFT JOIN code_map c ON c.concept_id = e.concept_id
+        LEFT JOIN code_map u ON u.concept_id = e.unit_concept
+        LEFT JOIN code_map vc ON vc.concept_id = e.value_concept
+        UNION ALL
+        SELECT d.person_id, d.death_time, '{mc.DEATH_CODE}', NULL, NULL, NULL, NULL, 'death', NULL,
+               NULL
+        FROM deaths d SEMI JOIN kept k ON d.person_id = k.person_id
+    """
+
+
+def omop_to_meds(
+    db: OmopDatabase,
+    meds_dir: Path,
+    staging: Path,
+    quality: QualityReport,
+    *,
+    seed: int = 0,
+    shard_size: int = 20_000,
+    dataset_name: str = "omop",
+    progress: bool = True,
+) -> MedsResult:
+    """Convert an opened OMOP source into a MEDS 0.4 folder at ``meds_dir``."""
+    con = db.con
+    quality.source = db.description
+    steps = Steps(8, "OMOP -> MEDS", enabled=progress)
+    steps.advance("persons and deaths")
+    _clean_persons(con, db, quality)
+    steps.advance("visits")
+    _clean_visits(con, db, quality)
+    steps.advance("events")
+    _clean_events(con, db, quality)
+    steps.advance("rebuilding visits")
+    _rebuild_visits(con, quality)
+    _code_tables(con)
+
+    steps.advance("patients and splits")
+    con.execute("""
+        CREATE OR REPLACE TABLE kept AS
+        SELECT p.* FROM persons p SEMI JOIN visits v ON p.person_id = v.person_id
+    """)
+    n_persons, n_kept = con.execute(
+        "SELECT (SELECT count(*) FROM persons), (SELECT count(*) FROM kept)").fetchall()[0]
+    person_table = quality.tables["person"]
+    quality.patients = {
+        "in person table": person_table.read,
+        "kept": int(n_kept),
+        "dropped": {**person_table.set_aside, "no events": int(n_persons - n_kept)},
+    }
+    # Persons without any event are not used: move them from "used" to a reason.
+    person_table.used = int(n_kept)
+    if n_persons - n_kept:
+        person_table.set_aside["no events"] = int(n_persons - n_kept)
+
+    ids = con.execute("SELECT person_id FROM kept").fetchnumpy()["person_id"]
+    splits = shard_assignment(assign_splits(ids, seed=seed), shard_size)
+    con.register("split_frame", splits.to_arrow())
+    con.execute("CREATE OR REPLACE TABLE splits AS SELECT * FROM split_frame")
+    con.unregister("split_frame")
+
+    steps.advance("writing MEDS rows")
+    parts = staging / "meds_parts"
+    if parts.exists():
+        shutil.rmtree(parts)
+    con.execute(f"""
+        COPY (SELECT m.*, s.split, s.shard FROM ({_meds_rows_sql()}) m
+              JOIN splits s ON s.subject_id = m.subject_id)
+        TO {sql_str(str(parts))} (FORMAT parquet, PARTITION_BY (split, shard))
+    """)
+
+    steps.advance("sorting shards")
+    shards = sort_partitions(parts, meds_dir / "data")
+    steps.advance("metadata")
+    codes = _codes_frame(con, meds_dir, shards)
+    write_metadata(meds_dir, dataset_name=dataset_name, codes=codes, splits=splits,
+                   extra_columns=mc.EXTRA_COLUMNS)
+    n_events = sum(t.used for name, t in quality.tables.items() if name != "person")
+    steps.close()
+    return MedsResult(meds_dir, int(n_events), int(n_kept), shards)
+
+
+def sort_partitions(parts: Path, data_dir: Path) -> list[Path]:
+    """Turn ``split=X/shard=N/*.parquet`` partitions into sorted MEDS shards ``X/N.parquet``."""
+    shards = []
+    for split_dir in sorted(parts.glob("split=*")):
+        split = split_dir.name.split("=", 1)[1]
+        for shard_dir in sorted(split_dir.glob("shard=*"), key=lambda p: int(p.name.split("=")[1])):
+            shard = int(shard_dir.name.split("=", 1)[1])
+            frame = pl.read_parquet(sorted(shard_dir.glob("*.parquet")))
+            table = sort_events(frame).to_arrow().cast(mc.EVENT_SCHEMA)
+            out = data_dir / split / f"{shard}.parquet"
+            write_parquet_atomic(table, out)
+            shards.append(out)
+    return shards
+
+
+def sort_events(frame: pl.DataFrame) -> pl.DataFrame:
+    """Sort MEDS rows by subject, then time (static rows first), then visit and code.
+
+    >>> import datetime as dt
+    >>> f = pl.DataFrame({"subject_id": [2, 1, 1], "time": [None, dt.datetime(2000, 1, 2), None],
+    ...                   "code": ["GENDER/1", "A", "GENDER/2"], "visit_id": [None, 1, None]})
+    >>> sort_events(f)["code"].to_list()
+    ['GENDER/2', 'A', 'GENDER/1']
+    """
+    cols = [c for c in mc.EVENT_SCHEMA.names if c in frame.columns]
+    return frame.select(cols).sort(
+        ["subject_id", "time", "visit_id", "code"], nulls_last=[False, False, False, False]
+    )
+
+
+def _codes_frame(con, meds_dir: Path, shards: list[Path]) -> pl.DataFrame:
+    used = (
+        pl.scan_parquet(shards)
+        .select(pl.concat_list("code", "unit", "value_code").alias("c"))
+        .explode("c")
+        .drop_nulls()
+        .unique()
+        .collect()
+        .rename({"c": "code"})
+    )
+    cmap = con.sql(
+        "SELECT code, concept_name AS description, concept_id AS omop_concept_id, "
+        "domain_id AS omop_domain, vocabulary_id AS omop_vocabulary FROM code_map"
+    ).pl().unique("code", keep="first")
+    names = con.sql("SELECT concept_id, concept_name FROM code_map").pl()
+    codes = used.join(cmap, on="code", how="left")
+    # Structure codes (GENDER/8532, VISIT/9201, OMOP_CONCEPT/123, ...) carry their concept id.
+    tail = pl.col("code").str.split("/").list.last()
+    prefixed = pl.col("code").str.contains(
+        f"^({mc.GENDER_PREFIX}|{mc.RACE_PREFIX}|{mc.ETHNICITY_PREFIX}|{mc.VISIT_PREFIX}|"
+        f"{mc.DISCHARGE_PREFIX}|{mc.FALLBACK_CONCEPT_PREFIX})[0-9]+$"
+    )
+    codes = codes.with_columns(
+        pl.when(prefixed).then(tail.cast(pl.Int64, strict=False))
+        .otherwise(pl.col("omop_concept_id")).alias("omop_concept_id")
+    )
+    codes = codes.join(names.rename({"concept_id": "omop_concept_id", "concept_name": "_name"}),
+                       on="omop_concept_id", how="left")
+    return codes.with_columns(
+        pl.coalesce("description", "_name").alias("description"),
+        pl.lit(None, pl.List(pl.String)).alias("parent_codes"),
+    ).drop("_name").with_columns(
+        pl.col("omop_concept_id").cast(pl.Int64),
+    ).cast({"omop_domain": pl.String, "omop_vocabulary": pl.String})
+
+

@@ -1,0 +1,479 @@
+"""OMOP CDM tables from PostgreSQL, the database most OMOP installations live in.
+
+Three entry points:
+
+* :func:`parse_postgres_url` turns ``postgresql://user:pw@host:port/db?schema=cdm`` into a
+  psycopg connection string, the schema to read, and a printable URL with the password masked.
+* :func:`export_omop_tables` streams the requested OMOP tables out of the server with
+  ``COPY ... TO STDOUT`` into one CSV file per table (lower-case file and column names), so the
+  rest of the ingestion reads PostgreSQL exactly like a folder of CSV exports. Tables are found
+  case-insensitively (real installations use ``person`` or ``PERSON``) and are never held in
+  memory whole.
+* :func:`load_omop_duckdb_into_postgres` copies OMOP tables from a DuckDB file (such as the
+  bundled Eunomia data set) into a PostgreSQL schema, for tests and demos.
+
+Every problem the user can fix (server down, unknown host, wrong password, missing database or
+schema) is raised as :class:`ehrgpt.errors.SourceError` with one sentence that names the URL
+(password masked) and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from ehrgpt.errors import SourceError
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "DEFAULT_OMOP_TABLES",
+    "PostgresTarget",
+    "export_omop_tables",
+    "load_omop_duckdb_into_postgres",
+    "parse_postgres_url",
+]
+
+#: Seconds psycopg waits for a server before giving up (a URL to a dead host fails fast).
+CONNECT_TIMEOUT_S = 5
+
+#: The OMOP tables ehrgpt reads (SPEC section 10), loaded by default into PostgreSQL.
+DEFAULT_OMOP_TABLES: tuple[str, ...] = (
+    "person",
+    "visit_occurrence",
+    "condition_occurrence",
+    "drug_exposure",
+    "procedure_occurrence",
+    "measurement",
+    "observation",
+    "device_exposure",
+    "death",
+    "concept",
+    "observation_period",
+)
+
+_SCHEMES = ("postgresql", "postgres")
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+_COPY_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PostgresTarget:
+    """Where to read OMOP tables from, parsed from a ``postgresql://`` URL.
+
+    ``conninfo`` holds the password (if any) and is therefore left out of ``repr``;
+    ``masked_url`` is safe to print.
+    """
+
+    conninfo: str = field(repr=False)
+    schema: str
+    masked_url: str
+    host: str | None
+    port: int | None
+    dbname: str | None
+    user: str | None
+
+
+def _mask_url(url: str) -> str:
+    """Return ``url`` with any password (in the user part or the query) replaced by ``***``.
+
+    >>> _mask_url("postgresql://ann:s3cret@db.example:5432/omop?schema=cdm")
+    'postgresql://ann:***@db.example:5432/omop?schema=cdm'
+    >>> _mask_url("postgresql://postgres@127.0.0.1:1/x")
+    'postgresql://postgres@127.0.0.1:1/x'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostinfo = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hostinfo}"
+    query = parts.query
+    if query:
+        pairs = [
+            (k, "***" if k.lower() in _SECRET_PARAMS else v)
+            for k, v in parse_qsl(query, keep_blank_values=True)
+        ]
+        query = urlencode(pairs, safe="*/")
+    out = f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{out}?{query}" if query else out
+
+
+def parse_postgres_url(url: str) -> PostgresTarget:
+    """Parse a ``postgresql://`` (or ``postgres://``) URL into a :class:`PostgresTarget`.
+
+    The ``schema`` query parameter names the OMOP schema (default ``public``); every other
+    query parameter (``sslmode``, ``application_name``, ...) is passed to libpq unchanged.
+    A ``connect_timeout`` of :data:`CONNECT_TIMEOUT_S` seconds is set unless the URL gives one.
+
+    >>> t = parse_postgres_url("postgresql://ann:pw@localhost:5433/omop?schema=cdm")
+    >>> (t.host, t.port, t.dbname, t.user, t.schema)
+    ('localhost', 5433, 'omop', 'ann', 'cdm')
+    >>> t.masked_url
+    'postgresql://ann:***@localhost:5433/omop?schema=cdm'
+    >>> parse_postgres_url("postgres://h/db").schema
+    'public'
+    """
+    from psycopg.conninfo import make_conninfo
+
+    masked = _mask_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise SourceError(
+            f"Cannot read the PostgreSQL URL {masked}: {exc}; write it as "
+            "postgresql://user:password@host:port/database?schema=cdm."
+        ) from None
+    if parts.scheme.lower() not in _SCHEMES:
+        raise SourceError(
+            f"Cannot read the PostgreSQL URL {masked}: it must start with postgresql://, e.g. "
+            "postgresql://user:password@host:5432/database?schema=cdm."
+        )
+    params: dict[str, Any] = {}
+    schema = "public"
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "schema":
+            schema = value or "public"
+        else:
+            params[key] = value
+    host = unquote(parts.hostname) if parts.hostname else None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    dbname = unquote(parts.path.lstrip("/")) or None
+    for key, value in (("host", host), ("port", port), ("dbname", dbname), ("user", user)):
+        if value is not None:
+            params.setdefault(key, value)
+    if password is not None:
+        params.setdefault("password", password)
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+    try:
+        conninfo = make_conninfo("", **params)
+    except Exception as exc:  # psycopg.ProgrammingError on unknown parameters
+        raise SourceError(
+            f"Cannot read the PostgreSQL URL {masked}: {_first_line(exc)}; remove or fix the "
+            "query parameters (only schema= and libpq options are understood)."
+        ) from None
+    return PostgresTarget(
+        conninfo=conninfo,
+        schema=schema,
+        masked_url=masked,
+        host=host,
+        port=port,
+        dbname=dbname,
+        user=user,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def _connection_error(target: PostgresTarget, exc: BaseException) -> SourceError:
+    """Translate a libpq connection failure into one sentence the user can act on."""
+    text = str(exc)
+    low = text.lower()
+    where = f"Cannot connect to PostgreSQL at {target.masked_url}"
+    if "connection refused" in low:
+        why = (
+            "connection refused; check that the server is running and the URL "
+            "(host, port, database) is right"
+        )
+    elif "could not translate host name" in low or "name or service not known" in low:
+        why = f"host {target.host!r} is unknown; check the host name in the URL"
+    elif "timeout expired" in low or "timed out" in low:
+        why = (
+            f"no answer within {CONNECT_TIMEOUT_S} s; check the host, the port and any "
+            "firewall between here and the server"
+        )
+    elif "password authentication failed" in low or "no password supplied" in low:
+        why = "authentication failed; check the user name and password in the URL"
+    elif "no pg_hba.conf entry" in low:
+        why = (
+            "the server does not accept this user from this host (pg_hba.conf); ask the "
+            "database administrator for access or use another user"
+        )
+    elif re.search(r'role "[^"]*" does not exist', low):
+        why = "the user does not exist on the server; check the user name in the URL"
+    elif re.search(r'database "[^"]*" does not exist', low):
+        why = f"database {target.dbname!r} does not exist; check the database name in the URL"
+    elif "no such file or directory" in low:
+        why = "no server socket found; check that the server is running, or give a host in the URL"
+    else:
+        why = f"{_first_line(exc)}; check the URL and that the server is reachable"
+    return SourceError(f"{where}: {why}.")
+
+
+@contextlib.contextmanager
+def _connect(target: PostgresTarget, *, autocommit: bool = False) -> Iterator[Any]:
+    """Open a psycopg connection, translating connection failures into :class:`SourceError`."""
+    import psycopg
+
+    try:
+        conn = psycopg.connect(target.conninfo, autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        raise _connection_error(target, exc) from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _resolve_schema(cur: Any, target: PostgresTarget) -> str:
+    """Return the schema's name as stored (exact match first, then case-insensitive)."""
+    cur.execute(
+        "SELECT schema_name FROM information_schema.schemata "
+        "WHERE lower(schema_name) = lower(%s) ORDER BY schema_name = %s DESC, schema_name",
+        (target.schema, target.schema),
+    )
+    row = cur.fetchone()
+    if row is None:
+        raise SourceError(
+            f"Schema {target.schema!r} does not exist in PostgreSQL at {target.masked_url}; "
+            "name the schema holding the OMOP tables with ?schema=NAME in the URL."
+        )
+    return str(row[0])
+
+
+def _find_tables(cur: Any, schema: str) -> dict[str, str]:
+    """Map lower-case table names to their stored names in ``schema`` (exact lower wins)."""
+    cur.execute(
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = %s AND table_type IN ('BASE TABLE', 'VIEW', 'FOREIGN') "
+        "ORDER BY table_name",
+        (schema,),
+    )
+    found: dict[str, str] = {}
+    for (name,) in cur.fetchall():
+        key = str(name).lower()
+        if key not in found or name == key:
+            found[key] = str(name)
+    return found
+
+
+def _columns(cur: Any, schema: str, table: str) -> list[str]:
+    cur.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+        (schema, table),
+    )
+    return [str(r[0]) for r in cur.fetchall()]
+
+
+def export_omop_tables(url: str, dest: Path, tables: Sequence[str]) -> dict[str, Path]:
+    """Stream OMOP tables from PostgreSQL into ``dest/<table>.csv`` files.
+
+    Each requested table is looked up case-insensitively in the URL's schema and copied with
+    ``COPY (SELECT ...) TO STDOUT WITH (FORMAT csv, HEADER true)``, chunk by chunk, into a
+    temporary file that is renamed into place once complete. File names and the CSV header's
+    column names are lower case. Tables absent from the schema are skipped: the returned mapping
+    (lower-case table name to CSV path) holds only the tables found.
+
+    Raises :class:`SourceError` when the server cannot be reached, the login fails, or the
+    database or schema does not exist.
+    """
+    from psycopg import sql
+
+    target = parse_postgres_url(url)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = list(dict.fromkeys(t.lower() for t in tables))
+    out: dict[str, Path] = {}
+    with _connect(target) as conn, conn.cursor() as cur:
+        schema = _resolve_schema(cur, target)
+        stored = _find_tables(cur, schema)
+        for name in wanted:
+            if name not in stored:
+                continue
+            table = stored[name]
+            columns = _columns(cur, schema, table)
+            select_list = sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(c.lower()))
+                for c in columns
+            )
+            query = sql.SQL(
+                "COPY (SELECT {cols} FROM {schema}.{table}) "
+                "TO STDOUT WITH (FORMAT csv, HEADER true)"
+            ).format(cols=select_list, schema=sql.Identifier(schema), table=sql.Identifier(table))
+            final = dest / f"{name}.csv"
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.part", dir=dest)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb", buffering=_COPY_CHUNK_BYTES) as fh, cur.copy(query) as cp:
+                    for chunk in cp:
+                        fh.write(chunk)
+                tmp.replace(final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            conn.rollback()  # read-only transaction: end it between tables
+            out[name] = final
+    return out
+
+
+def _pg_type(duck_type: str) -> tuple[str, bool]:
+    """Map a DuckDB column type to a PostgreSQL type; the flag says "cast to text on export".
+
+    >>> _pg_type("BIGINT"), _pg_type("VARCHAR"), _pg_type("DECIMAL(10,2)")
+    (('BIGINT', False), ('TEXT', False), ('NUMERIC(10,2)', False))
+    >>> _pg_type("STRUCT(a INTEGER)")
+    ('TEXT', True)
+    """
+    t = duck_type.upper().strip()
+    simple = {
+        "BIGINT": "BIGINT",
+        "INT8": "BIGINT",
+        "LONG": "BIGINT",
+        "INTEGER": "INTEGER",
+        "INT": "INTEGER",
+        "INT4": "INTEGER",
+        "SMALLINT": "SMALLINT",
+        "INT2": "SMALLINT",
+        "TINYINT": "SMALLINT",
+        "UTINYINT": "SMALLINT",
+        "USMALLINT": "INTEGER",
+        "UINTEGER": "BIGINT",
+        "UBIGINT": "NUMERIC(20,0)",
+        "HUGEINT": "NUMERIC(39,0)",
+        "UHUGEINT": "NUMERIC(39,0)",
+        "DOUBLE": "DOUBLE PRECISION",
+        "FLOAT8": "DOUBLE PRECISION",
+        "FLOAT": "REAL",
+        "FLOAT4": "REAL",
+        "REAL": "REAL",
+        "VARCHAR": "TEXT",
+        "TEXT": "TEXT",
+        "STRING": "TEXT",
+        "BOOLEAN": "BOOLEAN",
+        "BOOL": "BOOLEAN",
+        "DATE": "DATE",
+        "TIMESTAMP": "TIMESTAMP",
+        "DATETIME": "TIMESTAMP",
+        "TIMESTAMP_US": "TIMESTAMP",
+        "TIMESTAMP_MS": "TIMESTAMP",
+        "TIMESTAMP_S": "TIMESTAMP",
+        "TIMESTAMP_NS": "TIMESTAMP",
+        "TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ",
+        "TIMESTAMPTZ": "TIMESTAMPTZ",
+        "TIME": "TIME",
+        "UUID": "UUID",
+    }
+    if t in simple:
+        return simple[t], False
+    m = re.fullmatch(r"(?:DECIMAL|NUMERIC)\((\d+),\s*(\d+)\)", t)
+    if m:
+        return f"NUMERIC({m.group(1)},{m.group(2)})", False
+    if t.startswith("VARCHAR"):
+        return "TEXT", False
+    return "TEXT", True
+
+
+def _duck_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def load_omop_duckdb_into_postgres(
+    duckdb_path: Path, url: str, tables: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Copy OMOP tables from a DuckDB file into PostgreSQL (for tests and demos).
+
+    Tables (found case-insensitively in the DuckDB file) are created in the URL's schema, which
+    is created if missing; an existing table of the same name is replaced. Table and column
+    names become lower case and DuckDB types map to PostgreSQL types (BIGINT, DOUBLE PRECISION,
+    TEXT, DATE, TIMESTAMP, ...). Data travels as CSV chunks from DuckDB into ``COPY ... FROM
+    STDIN``. Malformed tables (Eunomia's ``death``, whose only row is its own header in text
+    columns ``column0``..) are loaded as they are, for ingestion to report.
+
+    ``tables`` defaults to :data:`DEFAULT_OMOP_TABLES`; names absent from the DuckDB file are
+    skipped. Returns the number of rows loaded per (lower-case) table name.
+    """
+    import duckdb
+    from psycopg import sql
+
+    duckdb_path = Path(duckdb_path)
+    if not duckdb_path.is_file():
+        raise SourceError(
+            f"DuckDB file {duckdb_path} does not exist; give the path to a .duckdb file."
+        )
+    target = parse_postgres_url(url)
+    wanted = list(dict.fromkeys(t.lower() for t in (tables or DEFAULT_OMOP_TABLES)))
+    try:
+        dcon = duckdb.connect(str(duckdb_path), read_only=True)
+    except duckdb.Error as exc:
+        raise SourceError(
+            f"Cannot open DuckDB file {duckdb_path}: {_first_line(exc)}; check that it is a "
+            "DuckDB database not opened for writing elsewhere."
+        ) from None
+    counts: dict[str, int] = {}
+    try:
+        duck_tables: dict[str, tuple[str, str]] = {}
+        for schema_name, table_name in dcon.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_catalog = current_database() ORDER BY table_schema = 'main' DESC"
+        ).fetchall():
+            duck_tables.setdefault(str(table_name).lower(), (str(schema_name), str(table_name)))
+
+        with (
+            _connect(target) as conn,
+            conn.cursor() as cur,
+            tempfile.TemporaryDirectory(prefix="ehrgpt-duck2pg-") as tmpdir,
+        ):
+            cur.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(target.schema))
+            )
+            for name in wanted:
+                if name not in duck_tables:
+                    continue
+                d_schema, d_table = duck_tables[name]
+                cols = dcon.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+                    [d_schema, d_table],
+                ).fetchall()
+                pg_cols = []
+                select_parts = []
+                for col, dtype in cols:
+                    pg_type, as_text = _pg_type(str(dtype))
+                    pg_cols.append(
+                        sql.SQL("{} {}").format(sql.Identifier(str(col).lower()), sql.SQL(pg_type))
+                    )
+                    ident = _duck_identifier(str(col))
+                    select_parts.append(f"CAST({ident} AS VARCHAR)" if as_text else ident)
+                pg_table = sql.Identifier(target.schema, name)
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(pg_table))
+                cur.execute(
+                    sql.SQL("CREATE TABLE {} ({})").format(pg_table, sql.SQL(", ").join(pg_cols))
+                )
+                # DuckDB writes NULL as an unquoted empty field and '' as "", which is exactly
+                # how PostgreSQL's CSV format tells them apart.
+                csv_path = Path(tmpdir) / f"{name}.csv"
+                source = f"{_duck_identifier(d_schema)}.{_duck_identifier(d_table)}"
+                select = f"SELECT {', '.join(select_parts)} FROM {source}"
+                dcon.execute(
+                    f"COPY ({select}) TO '{csv_path.as_posix()}' "
+                    "(FORMAT csv, HEADER false, QUOTE '\"', ESCAPE '\"')"
+                )
+                copy_sql = sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv)").format(pg_table)
+                with cur.copy(copy_sql) as cp, csv_path.open("rb") as fh:
+                    while chunk := fh.read(_COPY_CHUNK_BYTES):
+                        cp.write(chunk)
+                csv_path.unlink()
+                counts[name] = int(cur.rowcount) if cur.rowcount >= 0 else -1
+                if counts[name] < 0:
+                    cur.execute(sql.SQL("SELECT count(*) FROM {}").format(pg_table))
+                    counts[name] = int(cur.fetchone()[0])
+            conn.commit()
+    finally:
+        dcon.close()
+    return counts

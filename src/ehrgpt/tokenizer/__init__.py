@@ -1,0 +1,1 @@
+"""The CEHR-GPT tokenizer: time tokens, value bins, vocabulary, encode and decode."""

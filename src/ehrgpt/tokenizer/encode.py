@@ -1,0 +1,356 @@
+"""MEDS shard -> token ids per subject, vectorised in polars (no Python loop over events).
+
+For each subject (SPEC section 1)::
+
+    year:Y age:A GENDER/g RACE/r                       prompt, at the first visit
+    [VS] VISIT/t  (i-D<n>) code (VAL:Qb) (VAL:c) ... (i-D<n>) (DISCHARGE/x) [VE]
+    ATT [VS] VISIT/t ... [VE]
+    ATT [VS] [DEATH] [VE]                              if the subject died
+
+Rules that make ``decode`` an exact inverse at day resolution:
+
+- visits in order of start (then id); the gap before a visit is its start day minus the day
+  the previous visit ended on (the cursor at its ``[VE]``);
+- inside any visit, a day change between consecutive events is ``i-D<n>``; an inpatient visit
+  also moves the cursor to its end day before its discharge token;
+- a visit that starts before the previous one ended is moved to that end, and an event dated
+  before its visit start is moved to the start (both counted, rare in real data);
+- events in a visit ordered by time, then code; a code outside the vocabulary becomes
+  ``[OOV]`` (counted, never dropped); a numeric value becomes its bin token, a categorical
+  value ``VAL:<code>``.
+- events without a visit id: one visit of unknown type per subject and day.
+
+Each token also gets its day (days since 1970-01-01), so later stages can cut a history at a
+prediction time or a window start.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from ehrgpt import meds_columns as mc
+from ehrgpt.tokenizer import time_tokens as tt
+from ehrgpt.tokenizer.values import assign_bins
+from ehrgpt.tokenizer.vocab import (
+    AGE_UNKNOWN,
+    DEATH,
+    MAX_AGE,
+    OOV,
+    VALUE_PREFIX,
+    VE,
+    VS,
+    YEAR_RANGE,
+    EhrTokenizer,
+)
+
+MIN_PRETRAIN_TOKENS = 20
+_DEATH_ORDER = 2**30
+I32 = pl.Int32
+
+
+@dataclass
+class EncodeStats:
+    """Counts from encoding: what became tokens, what was mapped to OOV, what was moved."""
+
+    subjects: int = 0
+    subjects_without_visits: int = 0
+    subjects_without_birth: int = 0
+    short_records: int = 0
+    tokens: int = 0
+    events: int = 0
+    visits: int = 0
+    oov_tokens: int = 0
+    oov_codes: Counter = field(default_factory=Counter)
+    values_binned: int = 0
+    values_without_bins: int = 0
+    events_moved_to_visit_start: int = 0
+    visits_moved_after_previous: int = 0
+    events_without_visit: int = 0
+
+    def merge(self, other: EncodeStats) -> None:
+        for name in self.__dataclass_fields__:
+            if name == "oov_codes":
+                self.oov_codes.update(other.oov_codes)
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def summary(self) -> dict:
+        """A JSON-ready summary (the 10 most frequent OOV codes by name)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "oov_codes"}
+        out["distinct_oov_codes"] = len(self.oov_codes)
+        out["top_oov_codes"] = dict(self.oov_codes.most_common(10))
+        return out
+
+
+def _days(col: str | pl.Expr) -> pl.Expr:
+    expr = pl.col(col) if isinstance(col, str) else col
+    return expr.dt.date().cast(I32)
+
+
+def _ids(expr: pl.Expr, tok: EhrTokenizer, default: str = OOV) -> pl.Expr:
+    return expr.replace_strict(tok.token_to_id, default=tok.token_to_id[default], return_dtype=I32)
+
+
+def _att_columns(gap: np.ndarray, tok: EhrTokenizer) -> dict[str, np.ndarray]:
+    """Three nullable id columns (as masked int arrays, -1 = none) for gaps (-1 = no gap)."""
+    short, rem = tt.att_lookup(tok.att_scheme, tok.token_to_id)
+    long_from = tt.LONG_FROM[tok.att_scheme]
+    a1 = np.full(len(gap), -1, np.int32)
+    a2 = np.full(len(gap), -1, np.int32)
+    a3 = np.full(len(gap), -1, np.int32)
+    has = gap >= 0
+    is_short = has & (gap < long_from)
+    a1[is_short] = short[gap[is_short]]
+    is_long = has & (gap >= long_from)
+    g = gap[is_long]
+    years = np.minimum(g // 365, tt.MAX_YEARS)
+    a1[is_long] = tok.token_to_id[tt.LONG_TOKEN]
+    a2[is_long] = tok.token_to_id["Y0"] + years
+    a3[is_long] = rem[np.where(years < tt.MAX_YEARS, g - 365 * years, g % 365)]
+    return {"a1": a1, "a2": a2, "a3": a3}
+
+
+def _with_att(frame: pl.DataFrame, gap_col: str, tok: EhrTokenizer) -> pl.DataFrame:
+    gap = frame[gap_col].fill_null(-1).to_numpy().astype(np.int64)
+    cols = _att_columns(gap, tok)
+    return frame.with_columns(
+        [pl.Series(k, v).replace(-1, None).cast(I32) for k, v in cols.items()]
+    )
+
+
+def _day_ids(n: pl.Expr, tok: EhrTokenizer) -> tuple[pl.Expr, pl.Expr]:
+    """Day tokens for a day change ``n`` >= 0: a list of repeated i-D1079, and the remainder."""
+    full = tt.MAX_DAY_TOKEN
+    repeats = pl.lit(tok.day_base + full - 1, I32).repeat_by((n // full).clip(0))
+    r = n % full
+    rest = pl.when(r > 0).then((tok.day_base + r - 1).cast(I32)).otherwise(None)
+    return repeats, rest
+
+
+def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, EncodeStats]:
+    """Encode one MEDS shard; returns one row per subject and the counts.
+
+    Output columns: ``subject_id``, ``input_ids`` (list[int32]), ``days`` (list[int32], the
+    day of each token), ``n_tokens``, ``first_day`` (day of the first visit), ``birth_day``.
+    """
+    stats = EncodeStats()
+    for col in mc.EXTRA_COLUMNS:
+        if col not in frame.columns:
+            dtype = {mc.VISIT_ID: pl.Int64, mc.END: pl.Datetime("us")}.get(col, pl.String)
+            frame = frame.with_columns(pl.lit(None, dtype).alias(col))
+    if "numeric_value" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.Float32).alias("numeric_value"))
+    code, time = pl.col("code"), pl.col("time")
+
+    static = frame.filter(time.is_null())
+    persons = (
+        frame.select("subject_id").unique()
+        .join(static.filter(code.str.starts_with(mc.GENDER_PREFIX)).group_by("subject_id")
+              .agg(code.first().alias("gender")), on="subject_id", how="left")
+        .join(static.filter(code.str.starts_with(mc.RACE_PREFIX)).group_by("subject_id")
+              .agg(code.first().alias("race")), on="subject_id", how="left")
+        .join(frame.filter(code == mc.BIRTH_CODE).group_by("subject_id")
+              .agg(time.min().alias("birth")), on="subject_id", how="left")
+        .join(frame.filter(code == mc.DEATH_CODE).group_by("subject_id")
+              .agg(time.min().alias("death")), on="subject_id", how="left")
+    )
+
+    timed = frame.filter(time.is_not_null())
+    is_visit = code.str.starts_with(mc.VISIT_PREFIX)
+    is_discharge = code.str.starts_with(mc.DISCHARGE_PREFIX)
+    visit_rows = (
+        timed.filter(is_visit).group_by("subject_id", "visit_id")
+        .agg(code.first().alias("vtype"), time.min().alias("vstart"), pl.col("end").max().alias("vend"))
+    )
+    discharges = (
+        timed.filter(is_discharge).group_by("subject_id", "visit_id")
+        .agg(code.first().alias("discharge"))
+    )
+    events = timed.filter(
+        ~is_visit & ~is_discharge & ~code.is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
+    ).with_columns(_days("time").alias("d"))
+    no_visit = events["visit_id"].null_count()
+    stats.events_without_visit = no_visit
+    if no_visit:
+        events = events.with_columns(
+            pl.coalesce("visit_id", -(10**12) - pl.col("d").cast(pl.Int64)).alias("visit_id")
+        )
+
+    # Visits: type, start, raw end; cursor end = running max of raw ends (SPEC: no overlap).
+    ev_span = events.group_by("subject_id", "visit_id").agg(
+        time.min().alias("tmin"), pl.col("d").max().alias("dmax")
+    )
+    visits = (
+        ev_span.join(visit_rows, on=["subject_id", "visit_id"], how="full", coalesce=True)
+        .join(discharges, on=["subject_id", "visit_id"], how="left")
+        .with_columns(
+            pl.col("vtype").fill_null(mc.visit_code(None)),
+            pl.coalesce("vstart", "tmin").alias("start"),
+        )
+        .with_columns(
+            _days("start").alias("start_d"),
+            pl.col("vtype").is_in(list(tok.inpatient_visit_codes)).alias("inpatient"),
+        )
+        .with_columns(
+            pl.max_horizontal(
+                "start_d",
+                pl.when("inpatient").then(_days("vend")),
+                "dmax",
+            ).alias("raw_end")
+        )
+        .sort("subject_id", "start", "visit_id")
+        .with_columns(pl.col("raw_end").cum_max().over("subject_id").alias("end_d"))
+        .with_columns(pl.col("end_d").shift(1).over("subject_id").alias("prev_end"))
+        .with_columns(
+            pl.max_horizontal("start_d", "prev_end").alias("start2"),
+            pl.int_range(pl.len(), dtype=I32).over("subject_id").alias("vord"),
+        )
+        .with_columns((pl.col("start2") - pl.col("prev_end")).alias("gap"))
+    )
+    stats.visits = visits.height
+    stats.visits_moved_after_previous = int(
+        visits.select((pl.col("start_d") < pl.col("prev_end")).sum()).item() or 0
+    )
+
+    # Events: clamp to visit start, order, day changes, ids.
+    events = (
+        events.join(visits.select("subject_id", "visit_id", "vord", "start2"),
+                    on=["subject_id", "visit_id"], how="inner")
+        .with_columns(
+            pl.max_horizontal("d", "start2").alias("d2"),
+            # An event moved to its visit start sorts as if it happened at the start's midnight.
+            pl.max_horizontal("time", pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d")
+                              .cast(pl.Datetime("us"))).alias("t2"),
+        )
+    )
+    events = assign_bins(events, tok.value_bins).with_columns(
+        _ids(code, tok).alias("code_id"),
+        pl.when(pl.col("value_code").is_not_null())
+        .then(_ids(pl.lit(VALUE_PREFIX) + pl.col("value_code"), tok)).alias("vcode_id"),
+        (pl.col("bin").cast(I32) + tok.bin_base).alias("bin_id"),
+    )
+    # Within a visit: by time, then token id (so an [OOV] sorts the same before and after
+    # decoding), then value.
+    events = events.sort("subject_id", "vord", "t2", "code_id", "bin_id", "vcode_id",
+                         nulls_last=True)
+    stats.events = events.height
+    stats.events_moved_to_visit_start = int(events.select((pl.col("d") < pl.col("start2")).sum()).item() or 0)
+    same_visit = (pl.col("subject_id") == pl.col("subject_id").shift(1)) & (
+        pl.col("vord") == pl.col("vord").shift(1)
+    )
+    events = events.with_columns(
+        (pl.col("d2") - pl.when(same_visit).then(pl.col("d2").shift(1)).otherwise(pl.col("start2")))
+        .alias("n")
+    )
+    stats.values_binned = int(events["bin"].is_not_null().sum())
+    stats.values_without_bins = int(
+        (events["numeric_value"].is_not_null() & events["bin"].is_null()).sum()
+    )
+    oov = tok.token_to_id[OOV]
+    oov_rows = events.filter(pl.col("code_id") == oov)
+    stats.oov_codes.update(dict(oov_rows["code"].value_counts().iter_rows()))
+    oov_values = events.filter(pl.col("vcode_id") == oov)
+    stats.oov_codes.update(
+        {VALUE_PREFIX + k: v for k, v in oov_values["value_code"].value_counts().iter_rows()}
+    )
+    stats.oov_tokens = oov_rows.height + oov_values.height
+    repeats, rest = _day_ids(pl.col("n"), tok)
+    event_pieces = events.select(
+        "subject_id", "vord",
+        pl.lit(1, pl.Int8).alias("sect"),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("eord"),
+        pl.concat_list(repeats, rest, "code_id", "bin_id", "vcode_id").list.drop_nulls()
+        .alias("ids"),
+        pl.col("d2").alias("day"),
+    )
+
+    # Visit open / close pieces.
+    last_event = events.group_by("subject_id", "vord").agg(pl.col("d2").max().alias("last_d"))
+    visits = _with_att(visits, "gap", tok).join(last_event, on=["subject_id", "vord"], how="left")
+    vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
+    open_pieces = visits.select(
+        "subject_id", "vord", pl.lit(0, pl.Int8).alias("sect"), pl.lit(0, pl.Int64).alias("eord"),
+        pl.concat_list("a1", "a2", "a3", pl.lit(vs, I32), _ids(pl.col("vtype"), tok))
+        .list.drop_nulls().alias("ids"),
+        pl.col("start2").alias("day"),
+    )
+    n_end = pl.col("end_d") - pl.coalesce("last_d", "start2")
+    end_repeats, end_rest = _day_ids(n_end, tok)
+    discharge = pl.when("inpatient").then(
+        _ids(pl.col("discharge").fill_null(mc.discharge_code(None)), tok)
+    )
+    close_pieces = visits.select(
+        "subject_id", "vord", pl.lit(2, pl.Int8).alias("sect"), pl.lit(0, pl.Int64).alias("eord"),
+        pl.concat_list(end_repeats, end_rest, discharge, pl.lit(ve, I32))
+        .list.drop_nulls().alias("ids"),
+        pl.col("end_d").alias("day"),
+    )
+
+    # Prompt and death pieces, per subject with at least one visit.
+    firsts = visits.filter(pl.col("vord") == 0).select("subject_id", pl.col("start2").alias("first_day"))
+    lasts = visits.group_by("subject_id").agg(pl.col("end_d").max().alias("last_end"))
+    persons = persons.join(firsts, on="subject_id", how="left").join(lasts, on="subject_id",
+                                                                       how="left")
+    stats.subjects_without_visits = int(persons["first_day"].is_null().sum())
+    persons = persons.filter(pl.col("first_day").is_not_null())
+    stats.subjects = persons.height
+    stats.subjects_without_birth = int(persons["birth"].is_null().sum())
+    first = pl.from_epoch(pl.col("first_day").cast(pl.Int64), time_unit="d")
+    birth = pl.col("birth").dt.date()
+    age = (
+        first.dt.year() - birth.dt.year()
+        - ((first.dt.month() * 100 + first.dt.day()) < (birth.dt.month() * 100 + birth.dt.day()))
+        .cast(pl.Int32)
+    )
+    year_id = (first.dt.year().clip(*YEAR_RANGE) - YEAR_RANGE[0] + tok.year_base).cast(I32)
+    age_id = (
+        pl.when(pl.col("birth").is_null()).then(pl.lit(tok.token_to_id[AGE_UNKNOWN]))
+        .otherwise(age.clip(0, MAX_AGE) + tok.age_base).cast(I32)
+    )
+    prompt_pieces = persons.select(
+        "subject_id", pl.lit(-1, I32).alias("vord"), pl.lit(0, pl.Int8).alias("sect"),
+        pl.lit(0, pl.Int64).alias("eord"),
+        pl.concat_list(
+            year_id, age_id,
+            _ids(pl.col("gender").fill_null(mc.gender_code(None)), tok),
+            _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
+        ).alias("ids"),
+        pl.col("first_day").alias("day"),
+    )
+    died = persons.filter(pl.col("death").is_not_null()).with_columns(
+        _days("death").alias("death_d")
+    ).with_columns(
+        pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap")
+    )
+    died = _with_att(died, "dgap", tok)
+    death_pieces = died.select(
+        "subject_id", pl.lit(_DEATH_ORDER, I32).alias("vord"), pl.lit(0, pl.Int8).alias("sect"),
+        pl.lit(0, pl.Int64).alias("eord"),
+        pl.concat_list("a1", "a2", "a3", pl.lit(vs, I32), pl.lit(tok.token_to_id[DEATH], I32),
+                       pl.lit(ve, I32)).list.drop_nulls().alias("ids"),
+        pl.max_horizontal("death_d", "last_end").alias("day"),
+    )
+
+    pieces = pl.concat(
+        [p.with_columns(pl.col("vord").cast(I32), pl.col("day").cast(I32),
+                        pl.col("ids").cast(pl.List(I32)))
+         for p in (prompt_pieces, open_pieces, event_pieces, close_pieces, death_pieces)],
+        how="vertical",
+    ).filter(pl.col("subject_id").is_in(persons["subject_id"].implode()))
+    out = (
+        pieces.sort("subject_id", "vord", "sect", "eord")
+        .explode("ids")
+        .group_by("subject_id", maintain_order=True)
+        .agg(pl.col("ids").alias("input_ids"), pl.col("day").alias("days"))
+        .join(persons.select("subject_id", "first_day",
+                             _days("birth").alias("birth_day")), on="subject_id", how="left")
+        .with_columns(pl.col("input_ids").list.len().cast(I32).alias("n_tokens"))
+        .sort("subject_id")
+    )
+    stats.tokens = int(out["n_tokens"].sum())
+    stats.short_records = int((out["n_tokens"] < MIN_PRETRAIN_TOKENS).sum())
+    return out, stats

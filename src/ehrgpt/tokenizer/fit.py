@@ -1,0 +1,74 @@
+"""Fitting a tokenizer on the training shards: patient counts per code, value samples.
+
+>>> import polars as pl
+>>> f = pl.DataFrame({"subject_id": [1, 1, 2], "code": ["A", "A", "A"],
+...                   "value_code": [None, "V", None], "time": [0, 1, 2]})
+>>> sorted(patient_code_counts(f).rows())
+[('A', 2), ('VAL:V', 1)]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+
+from ehrgpt import meds_columns as mc
+from ehrgpt.progress import track
+from ehrgpt.tokenizer.values import fit_value_bins, sample_values
+from ehrgpt.tokenizer.vocab import VALUE_PREFIX, EhrTokenizer
+
+
+def patient_code_counts(frame: pl.DataFrame) -> pl.DataFrame:
+    """Patients per code (each code counted once per patient), categorical values included."""
+    codes = frame.filter(~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])).select(
+        "subject_id", "code"
+    )
+    if "value_code" in frame.columns:
+        values = frame.filter(pl.col("value_code").is_not_null()).select(
+            "subject_id", (pl.lit(VALUE_PREFIX) + pl.col("value_code")).alias("code")
+        )
+        codes = pl.concat([codes, values])
+    return codes.unique().group_by("code").agg(pl.len().alias("n"))
+
+
+def collect_statistics(
+    shards: list[Path], *, seed: int = 0, progress: bool = True
+) -> tuple[Counter, int, list[pl.DataFrame]]:
+    """One pass over training shards: code patient counts, number of subjects, value samples."""
+    counts: Counter = Counter()
+    n_subjects = 0
+    samples = []
+    for i, path in enumerate(track(shards, len(shards), "Vocabulary", unit="shards",
+                                   enabled=progress)):
+        frame = pl.read_parquet(path)
+        n_subjects += frame["subject_id"].n_unique()
+        counts.update(dict(patient_code_counts(frame).iter_rows()))
+        if "numeric_value" in frame.columns:
+            unit = pl.col("unit") if "unit" in frame.columns else pl.lit(None, pl.String)
+            samples.append(sample_values(frame.with_columns(unit.alias("unit")), seed=seed + i))
+    return counts, n_subjects, samples
+
+
+def fit_tokenizer(
+    train_shards: list[Path],
+    *,
+    att_scheme: str = "day",
+    min_prevalence: float = 0.001,
+    seed: int = 0,
+    base: EhrTokenizer | None = None,
+    progress: bool = True,
+) -> tuple[EhrTokenizer, int]:
+    """Build a vocabulary on the training shards, or expand ``base`` with their new codes.
+
+    Returns the tokenizer and the number of codes added.
+    """
+    counts, n_subjects, samples = collect_statistics(train_shards, seed=seed, progress=progress)
+    bins = fit_value_bins(samples)
+    if base is None:
+        tok = EhrTokenizer.build(att_scheme, code_counts=counts, n_subjects=n_subjects,
+                                 min_prevalence=min_prevalence, value_bins=bins)
+        return tok, len(tok)
+    added = base.expand(counts, n_subjects=n_subjects, value_bins=bins)
+    return base, added
