@@ -46,7 +46,7 @@ if [[ ! -x .venv/bin/python ]]; then
     fi
 fi
 
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -c constraints-cpu.txt -e '.[dev]'
 
 lint_paths=(src tests)
 [[ -d benchmarks ]] && lint_paths+=(benchmarks)

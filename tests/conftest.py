@@ -1,3 +1,3 @@
 """Shared pytest configuration."""
 
-pytest_plugins = ["tests.conftest_postgres"]
+pytest_plugins = ["tests.conftest_postgres", "tests.conftest_runs"]

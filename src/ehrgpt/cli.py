@@ -37,8 +37,12 @@ def _load_config(ctx: click.Context, _param, value: str | None):
 
 
 config_option = click.option(
-    "--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
-    expose_value=False, help="TOML file with option values (command-line options win).",
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help="TOML file with option values (command-line options win).",
 )
 
 
@@ -90,24 +94,55 @@ def _run_prepare(**kwargs) -> None:
 
 @main.command("prepare")
 @config_option
-@click.option("--source", default="eunomia", show_default=True,
-              help="'eunomia', a DuckDB file, a folder of OMOP CSV/parquet tables, a PostgreSQL "
-                   "URL (postgresql://user@host:port/db?schema=cdm) or a MEDS 0.4 folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder to create.")
-@click.option("--att-scheme", type=click.Choice(SCHEMES), default="day", show_default=True,
-              help="How gaps between visits become tokens.")
-@click.option("--min-prevalence", type=float, default=0.001, show_default=True,
-              help="Share of training patients a code needs to enter the vocabulary.")
+@click.option(
+    "--source",
+    default="eunomia",
+    show_default=True,
+    help="'eunomia', a DuckDB file, a folder of OMOP CSV/parquet tables, a PostgreSQL "
+    "URL (postgresql://user@host:port/db?schema=cdm) or a MEDS 0.4 folder.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder to create.",
+)
+@click.option(
+    "--att-scheme",
+    type=click.Choice(SCHEMES),
+    default="day",
+    show_default=True,
+    help="How gaps between visits become tokens.",
+)
+@click.option(
+    "--min-prevalence",
+    type=float,
+    default=0.001,
+    show_default=True,
+    help="Share of training patients a code needs to enter the vocabulary.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subject split.")
-@click.option("--shard-size", type=int, default=20_000, show_default=True,
-              help="Subjects per MEDS shard.")
-@click.option("--vocab-from", type=click.Path(exists=True, path_type=Path), default=None,
-              help="A run folder (or tokenizer folder) whose vocabulary is expanded, old ids kept.")
-@click.option("--meds-visit-rule", default="day", show_default=True,
-              help="For MEDS data without visit_id: 'day' or 'hours:N'.")
-@click.option("--memory-limit", default="2GB", show_default=True,
-              help="Memory the database engine may use before spilling to disk.")
+@click.option(
+    "--shard-size", type=int, default=20_000, show_default=True, help="Subjects per MEDS shard."
+)
+@click.option(
+    "--vocab-from",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A run folder (or tokenizer folder) whose vocabulary is expanded, old ids kept.",
+)
+@click.option(
+    "--meds-visit-rule",
+    default="day",
+    show_default=True,
+    help="For MEDS data without visit_id: 'day' or 'hours:N'.",
+)
+@click.option(
+    "--memory-limit",
+    default="2GB",
+    show_default=True,
+    help="Memory the database engine may use before spilling to disk.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only on success).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prepare_cmd(no_progress: bool, **kwargs) -> None:
@@ -117,15 +152,21 @@ def prepare_cmd(no_progress: bool, **kwargs) -> None:
 
 @main.command("demo")
 @config_option
-@click.option("--out", default=Path("runs/demo"), show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Demo run folder.")
+@click.option(
+    "--out",
+    default=Path("runs/demo"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Demo run folder.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_cmd(out: Path, seed: int, no_progress: bool) -> None:
     """Run the whole chain on the bundled Eunomia data (today: prepare)."""
     console.rule("ehrgpt demo: prepare Eunomia GiBleed (2,694 patients)")
-    _run_prepare(source="eunomia", out=out / "prepared", seed=seed, overwrite=True,
-                 progress=not no_progress)
+    _run_prepare(
+        source="eunomia", out=out / "prepared", seed=seed, overwrite=True, progress=not no_progress
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,12 +44,16 @@ def assign_splits(
     >>> assign_splits([3, 1, 2], seed=1).equals(assign_splits([2, 3, 1], seed=1))
     True
     """
-    ids = np.unique(np.asarray(list(subject_ids) if not isinstance(subject_ids, np.ndarray)
-                               else subject_ids, dtype=np.int64))
+    ids = np.unique(
+        np.asarray(
+            list(subject_ids) if not isinstance(subject_ids, np.ndarray) else subject_ids,
+            dtype=np.int64,
+        )
+    )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))
-    n_train = int(round(fractions[0] * len(ids)))
-    n_tuning = int(round(fractions[1] * len(ids)))
+    n_train = round(fractions[0] * len(ids))
+    n_tuning = round(fractions[1] * len(ids))
     split = np.empty(len(ids), dtype=object)
     split[order[:n_train]] = meds.train_split
     split[order[n_train : n_train + n_tuning]] = meds.tuning_split
@@ -136,12 +140,51 @@ def data_shards(meds_dir: Path) -> list[Path]:
     return shards
 
 
+#: Core columns whose string width or timestamp unit a writer may choose freely (polars and
+#: pandas write ``large_string`` and ``timestamp[ns]``); ingestion casts them anyway.
+_FLEXIBLE_TYPES = {
+    "time": pa.timestamp("us"),
+    "code": pa.string(),
+    "text_value": pa.large_string(),
+}
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _normalise_widths(schema: pa.Schema) -> pa.Schema:
+    """The schema with string widths and timestamp units of core columns as MEDS spells them.
+
+    >>> s = pa.schema([("code", pa.large_string()), ("time", pa.timestamp("ns"))])
+    >>> _normalise_widths(s).types
+    [DataType(string), TimestampType(timestamp[us])]
+    >>> _normalise_widths(pa.schema([("code", pa.int64())])).types
+    [DataType(int64)]
+    """
+    fields = []
+    for f in schema:
+        want = _FLEXIBLE_TYPES.get(f.name)
+        if want is not None and (
+            (_is_text(f.type) and _is_text(want))
+            or (pa.types.is_timestamp(f.type) and f.type.tz is None and pa.types.is_timestamp(want))
+        ):
+            f = f.with_type(want)
+        fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
 def check_shard(path: Path) -> None:
     """Check one data shard against the MEDS 0.4 data schema (types, required columns).
 
-    Raises SourceError naming the file and what is wrong.
+    String widths and timestamp units of ``code``, ``text_value`` and ``time`` may differ from
+    the schema's (any arrow string type, any timezone-free timestamp unit). Raises SourceError
+    naming the file and what is wrong.
     """
-    schema = pq.read_schema(path)
+    try:
+        schema = _normalise_widths(pq.read_schema(path))
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"The MEDS shard {path} cannot be read as parquet: {exc}") from None
     try:
         meds.DataSchema.validate(schema)
     except Exception as exc:  # flexible_schema raises its own error types

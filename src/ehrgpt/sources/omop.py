@@ -168,8 +168,7 @@ def _attach_duckdb(con, path: Path, schema: str | None) -> dict[str, tuple[str, 
     except duckdb.Error as exc:
         raise SourceError(f"Cannot open {path} as a DuckDB database: {exc}") from None
     rows = con.execute(
-        "SELECT table_schema, table_name FROM information_schema.tables "
-        "WHERE table_catalog = 'src'"
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = 'src'"
     ).fetchall()
     found: dict[str, tuple[str, str]] = {}
     for table_schema, table_name in sorted(rows, key=lambda r: (r[0] != (schema or "main"), r)):
@@ -218,11 +217,15 @@ def _cast(expr: str, source_type: str, target: str) -> str:
     if source_type.upper() == target:
         return expr
     if target == DATE:
-        return f"coalesce(TRY_CAST({expr} AS DATE), TRY_CAST(TRY_CAST({expr} AS TIMESTAMP) AS DATE))"
+        return (
+            f"coalesce(TRY_CAST({expr} AS DATE), TRY_CAST(TRY_CAST({expr} AS TIMESTAMP) AS DATE))"
+        )
     if target == TIMESTAMP:
         return f"TRY_CAST({expr} AS TIMESTAMP)"
     if target == BIGINT:
-        return f"coalesce(TRY_CAST({expr} AS BIGINT), TRY_CAST(TRY_CAST({expr} AS DOUBLE) AS BIGINT))"
+        return (
+            f"coalesce(TRY_CAST({expr} AS BIGINT), TRY_CAST(TRY_CAST({expr} AS DOUBLE) AS BIGINT))"
+        )
     if target == DOUBLE:
         return f"TRY_CAST({expr} AS DOUBLE)"
     return f"CAST({expr} AS VARCHAR)"
@@ -253,8 +256,13 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
         info.status = "malformed"
         shown = ", ".join(info.source_columns[:8]) + ("..." if len(info.source_columns) > 8 else "")
         info.problem = f"lacks column(s) {', '.join(missing)}"
-        log.warning("OMOP table %s (%s) is malformed: it %s (it has %s); skipped.",
-                    table, location, info.problem, shown)
+        log.warning(
+            "OMOP table %s (%s) is malformed: it %s (it has %s); skipped.",
+            table,
+            location,
+            info.problem,
+            shown,
+        )
         _create_empty_view(con, table)
         return info
 
@@ -266,7 +274,9 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
         else:
             src_type = source_cols[src.lower()][1]
             select.append(f"{_cast(quote(src), src_type, col.type)} AS {col.name}")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW omop_{table} AS SELECT {', '.join(select)} FROM {relation}")
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW omop_{table} AS SELECT {', '.join(select)} FROM {relation}"
+    )
     return info
 
 
@@ -279,7 +289,8 @@ def _check_types(con, table, relation, location, columns, source_cols) -> None:
         if src_type.upper() == col.type:
             continue
         expr = quote(src)
-        bad = f"{expr} IS NOT NULL AND trim(CAST({expr} AS VARCHAR)) <> '' AND {_cast(expr, src_type, col.type)} IS NULL"
+        cast = _cast(expr, src_type, col.type)
+        bad = f"{expr} IS NOT NULL AND trim(CAST({expr} AS VARCHAR)) <> '' AND {cast} IS NULL"
         checks.append((col, src, bad))
     if not checks:
         return

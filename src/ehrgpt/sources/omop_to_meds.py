@@ -72,8 +72,10 @@ def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
                      row_number() OVER (PARTITION BY person_id ORDER BY birth_datetime) AS rn
               FROM omop_person)
     """)
-    con.execute("CREATE OR REPLACE TABLE persons AS SELECT * EXCLUDE (rn, reason) FROM p_flag "
-                "WHERE reason IS NULL")
+    con.execute(
+        "CREATE OR REPLACE TABLE persons AS SELECT * EXCLUDE (rn, reason) FROM p_flag "
+        "WHERE reason IS NULL"
+    )
     read, used, reasons = _reason_counts(con, "p_flag")
     quality.add_table("person", read=read, used=used, set_aside=reasons)
 
@@ -89,8 +91,10 @@ def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
               FROM omop_death) d
         LEFT JOIN persons p USING (person_id)
     """)
-    con.execute("CREATE OR REPLACE TABLE deaths AS SELECT person_id, death_time FROM d_flag "
-                "WHERE reason IS NULL")
+    con.execute(
+        "CREATE OR REPLACE TABLE deaths AS SELECT person_id, death_time FROM d_flag "
+        "WHERE reason IS NULL"
+    )
     _add_table_quality(con, db, quality, "death", "d_flag")
 
 
@@ -100,8 +104,14 @@ def _add_table_quality(con, db: OmopDatabase, quality: QualityReport, table: str
         read, used, reasons = _reason_counts(con, flag)
         quality.add_table(table, read=read, used=used, set_aside=reasons)
     elif info.status == "malformed":
-        quality.add_table(table, read=info.n_rows, used=0, set_aside={"malformed table": info.n_rows},
-                          status="malformed", note=info.problem)
+        quality.add_table(
+            table,
+            read=info.n_rows,
+            used=0,
+            set_aside={"malformed table": info.n_rows},
+            status="malformed",
+            note=info.problem,
+        )
     else:
         quality.add_table(table, read=0, used=0, status="missing", note="no such table")
 
@@ -122,7 +132,8 @@ def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
             WHEN row_number() OVER (PARTITION BY v.visit_id ORDER BY v.start_time) > 1
                 THEN 'duplicate visit id' END AS reason
         FROM (SELECT visit_occurrence_id AS visit_id, person_id, visit_concept_id,
-                     coalesce(visit_start_datetime, CAST(visit_start_date AS TIMESTAMP)) AS start_time,
+                     coalesce(visit_start_datetime, CAST(visit_start_date AS TIMESTAMP))
+                         AS start_time,
                      coalesce(visit_end_datetime, CAST(visit_end_date AS TIMESTAMP)) AS end_time,
                      discharged_to_concept_id AS discharge
               FROM omop_visit_occurrence) v
@@ -142,14 +153,18 @@ def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
 def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
     parts = []
     for t in EVENT_TABLES:
-        end = (f"coalesce({t.end_datetime}, CAST({t.end_date} AS TIMESTAMP))"
-               if t.end_date else "NULL::TIMESTAMP")
+        end = (
+            f"coalesce({t.end_datetime}, CAST({t.end_date} AS TIMESTAMP))"
+            if t.end_date
+            else "NULL::TIMESTAMP"
+        )
         parts.append(f"""
             SELECT {sql_str(t.name)} AS tbl, person_id, {t.concept} AS concept_id,
                    coalesce({t.start_datetime}, CAST({t.start_date} AS TIMESTAMP)) AS t,
                    {end} AS t_end, visit_occurrence_id AS vid,
                    {"value_as_number" if t.value_as_number else "NULL::DOUBLE"} AS value,
-                   {"value_as_concept_id" if t.value_as_concept else "NULL::BIGINT"} AS value_concept,
+                   {"value_as_concept_id" if t.value_as_concept else "NULL::BIGINT"}
+                       AS value_concept,
                    {"unit_concept_id" if t.unit else "NULL::BIGINT"} AS unit_concept,
                    {"value_as_string" if t.value_as_string else "NULL::VARCHAR"} AS text
             FROM omop_{t.name}""")
@@ -166,11 +181,12 @@ def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
         LEFT JOIN persons p USING (person_id)
         LEFT JOIN deaths d USING (person_id)
     """)
-    # Exact duplicates among otherwise usable rows: keep one of each group.
+    # Exact duplicates among otherwise usable rows: keep one of each group. The table's rowid
+    # serves as the event id below.
     con.execute("""
         CREATE OR REPLACE TABLE events AS
         SELECT tbl, person_id, concept_id, t, t_end, vid, value, value_concept, unit_concept, text,
-               count(*) AS n_copies, row_number() OVER () AS eid
+               count(*) AS n_copies
         FROM e_flag WHERE reason IS NULL
         GROUP BY ALL
     """)
@@ -204,13 +220,14 @@ def _rebuild_visits(con, quality: QualityReport) -> None:
     # Events naming a visit of another person are treated as naming no visit.
     con.execute("""
         CREATE OR REPLACE TABLE event_visit AS
-        SELECT e.eid, e.vid AS visit_id FROM events e
+        SELECT e.rowid AS eid, e.vid AS visit_id FROM events e
         JOIN visits v ON e.vid = v.visit_id AND e.person_id = v.person_id
     """)
     # 2. Events without a (usable) visit id: attach to a visit of the person covering the day.
     con.execute("""
         CREATE OR REPLACE TABLE unattached AS
-        SELECT e.eid, e.person_id, e.t FROM events e ANTI JOIN event_visit ev USING (eid)
+        SELECT e.rowid AS eid, e.person_id, e.t FROM events e
+        ANTI JOIN event_visit ev ON e.rowid = ev.eid
     """)
     n_unattached = con.execute("SELECT count(*) FROM unattached").fetchall()[0][0]
     con.execute("""
@@ -267,16 +284,21 @@ def _meds_rows_sql() -> str:
     unknown = mc.UNKNOWN
 
     def attr(col: str, prefix: str) -> str:
-        return (f"CASE WHEN coalesce({col}, 0) = 0 THEN '{prefix}{unknown}' "
-                f"ELSE '{prefix}' || CAST({col} AS VARCHAR) END")
+        return (
+            f"CASE WHEN coalesce({col}, 0) = 0 THEN '{prefix}{unknown}' "
+            f"ELSE '{prefix}' || CAST({col} AS VARCHAR) END"
+        )
 
     static = " UNION ALL ".join(
         f"SELECT person_id AS subject_id, NULL::TIMESTAMP AS time, {attr(col, pre)} AS code, "
         "NULL::FLOAT AS numeric_value, NULL::VARCHAR AS text_value, NULL::BIGINT AS visit_id, "
         "NULL::TIMESTAMP AS \"end\", 'person' AS omop_table, NULL::VARCHAR AS unit, "
         "NULL::VARCHAR AS value_code FROM kept"
-        for col, pre in (("gender_concept_id", g), ("race_concept_id", r),
-                         ("ethnicity_concept_id", eth))
+        for col, pre in (
+            ("gender_concept_id", g),
+            ("race_concept_id", r),
+            ("ethnicity_concept_id", eth),
+        )
     )
     return f"""
         {static}
@@ -298,7 +320,7 @@ def _meds_rows_sql() -> str:
                CASE WHEN coalesce(e.unit_concept, 0) <> 0 THEN {_code("e.unit_concept", "u")} END,
                CASE WHEN coalesce(e.value_concept, 0) <> 0 THEN {_code("e.value_concept", "vc")} END
         FROM events e
-        JOIN event_visit ev USING (eid)
+        JOIN event_visit ev ON ev.eid = e.rowid
         LEFT JOIN code_map c ON c.concept_id = e.concept_id
         LEFT JOIN code_map u ON u.concept_id = e.unit_concept
         LEFT JOIN code_map vc ON vc.concept_id = e.value_concept
@@ -340,7 +362,8 @@ def omop_to_meds(
         SELECT p.* FROM persons p SEMI JOIN visits v ON p.person_id = v.person_id
     """)
     n_persons, n_kept = con.execute(
-        "SELECT (SELECT count(*) FROM persons), (SELECT count(*) FROM kept)").fetchall()[0]
+        "SELECT (SELECT count(*) FROM persons), (SELECT count(*) FROM kept)"
+    ).fetchall()[0]
     person_table = quality.tables["person"]
     quality.patients = {
         "in person table": person_table.read,
@@ -371,9 +394,14 @@ def omop_to_meds(
     steps.advance("sorting shards")
     shards = sort_partitions(parts, meds_dir / "data")
     steps.advance("metadata")
-    codes = _codes_frame(con, meds_dir, shards)
-    write_metadata(meds_dir, dataset_name=dataset_name, codes=codes, splits=splits,
-                   extra_columns=mc.EXTRA_COLUMNS)
+    codes = _codes_frame(con, parts)
+    write_metadata(
+        meds_dir,
+        dataset_name=dataset_name,
+        codes=codes,
+        splits=splits,
+        extra_columns=mc.EXTRA_COLUMNS,
+    )
     n_events = sum(t.used for name, t in quality.tables.items() if name != "person")
     steps.close()
     return MedsResult(meds_dir, int(n_events), int(n_kept), shards)
@@ -404,25 +432,28 @@ def sort_events(frame: pl.DataFrame) -> pl.DataFrame:
     ['GENDER/2', 'A', 'GENDER/1']
     """
     cols = [c for c in mc.EVENT_SCHEMA.names if c in frame.columns]
+    # A categorical code sorts as fast as an integer (lexical order is kept for ties).
+    code = pl.col("code").cast(pl.Categorical)
     return frame.select(cols).sort(
-        ["subject_id", "time", "visit_id", "code"], nulls_last=[False, False, False, False]
+        [pl.col("subject_id"), pl.col("time"), pl.col("visit_id"), code],
+        nulls_last=[False, False, False, False],
     )
 
 
-def _codes_frame(con, meds_dir: Path, shards: list[Path]) -> pl.DataFrame:
-    used = (
-        pl.scan_parquet(shards)
-        .select(pl.concat_list("code", "unit", "value_code").alias("c"))
-        .explode("c")
-        .drop_nulls()
-        .unique()
-        .collect()
-        .rename({"c": "code"})
+def _codes_frame(con, parts: Path) -> pl.DataFrame:
+    rows = f"read_parquet({sql_str(str(parts / '**' / '*.parquet'))})"
+    used = con.sql(
+        f"SELECT code FROM {rows} UNION SELECT unit FROM {rows} WHERE unit IS NOT NULL "
+        f"UNION SELECT value_code FROM {rows} WHERE value_code IS NOT NULL"
+    ).pl()
+    cmap = (
+        con.sql(
+            "SELECT code, concept_name AS description, concept_id AS omop_concept_id, "
+            "domain_id AS omop_domain, vocabulary_id AS omop_vocabulary FROM code_map"
+        )
+        .pl()
+        .unique("code", keep="first")
     )
-    cmap = con.sql(
-        "SELECT code, concept_name AS description, concept_id AS omop_concept_id, "
-        "domain_id AS omop_domain, vocabulary_id AS omop_vocabulary FROM code_map"
-    ).pl().unique("code", keep="first")
     names = con.sql("SELECT concept_id, concept_name FROM code_map").pl()
     codes = used.join(cmap, on="code", how="left")
     # Structure codes (GENDER/8532, VISIT/9201, OMOP_CONCEPT/123, ...) carry their concept id.
@@ -432,16 +463,24 @@ def _codes_frame(con, meds_dir: Path, shards: list[Path]) -> pl.DataFrame:
         f"{mc.DISCHARGE_PREFIX}|{mc.FALLBACK_CONCEPT_PREFIX})[0-9]+$"
     )
     codes = codes.with_columns(
-        pl.when(prefixed).then(tail.cast(pl.Int64, strict=False))
-        .otherwise(pl.col("omop_concept_id")).alias("omop_concept_id")
+        pl.when(prefixed)
+        .then(tail.cast(pl.Int64, strict=False))
+        .otherwise(pl.col("omop_concept_id"))
+        .alias("omop_concept_id")
     )
-    codes = codes.join(names.rename({"concept_id": "omop_concept_id", "concept_name": "_name"}),
-                       on="omop_concept_id", how="left")
-    return codes.with_columns(
-        pl.coalesce("description", "_name").alias("description"),
-        pl.lit(None, pl.List(pl.String)).alias("parent_codes"),
-    ).drop("_name").with_columns(
-        pl.col("omop_concept_id").cast(pl.Int64),
-    ).cast({"omop_domain": pl.String, "omop_vocabulary": pl.String})
-
-
+    codes = codes.join(
+        names.rename({"concept_id": "omop_concept_id", "concept_name": "_name"}),
+        on="omop_concept_id",
+        how="left",
+    )
+    return (
+        codes.with_columns(
+            pl.coalesce("description", "_name").alias("description"),
+            pl.lit(None, pl.List(pl.String)).alias("parent_codes"),
+        )
+        .drop("_name")
+        .with_columns(
+            pl.col("omop_concept_id").cast(pl.Int64),
+        )
+        .cast({"omop_domain": pl.String, "omop_vocabulary": pl.String})
+    )

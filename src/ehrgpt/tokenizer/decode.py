@@ -174,7 +174,7 @@ def decode_tokens(
                 if not visit.events:
                     raise DecodeError("value without a code before it", t)
                 last = visit.events[-1]
-                rest = t[len(VALUE_PREFIX):]
+                rest = t[len(VALUE_PREFIX) :]
                 if len(rest) >= 2 and rest[0] == "Q" and rest[1:].isdigit():
                     if last.value_bin is not None or last.value_code is not None:
                         raise DecodeError("two numeric values for one code", t)
@@ -183,8 +183,12 @@ def decode_tokens(
                     if last.value_code is not None:
                         raise DecodeError("two categorical values for one code", t)
                     last.value_code = rest
-            elif t in (VS, DEATH) or t.startswith(("year:", "age:", mc.VISIT_PREFIX)) \
-                    or tt.is_att_token(t) or t.startswith((mc.GENDER_PREFIX, mc.RACE_PREFIX)):
+            elif (
+                t in (VS, DEATH)
+                or t.startswith(("year:", "age:", mc.VISIT_PREFIX))
+                or tt.is_att_token(t)
+                or t.startswith((mc.GENDER_PREFIX, mc.RACE_PREFIX))
+            ):
                 raise DecodeError("structure token inside a visit", t)
             else:
                 visit.events.append(Event(cursor, t))
@@ -250,8 +254,14 @@ def timeline_to_meds(
                 unit = tok.value_unit(e.code)
                 bins = tok.value_bins.get((e.code, unit))
                 value = bins.representative(e.value_bin) if bins else None
-            add(dt.datetime.combine(e.day, dt.time()), e.code, value=value, visit=vid,
-                unit=unit, vcode=e.value_code)
+            add(
+                dt.datetime.combine(e.day, dt.time()),
+                e.code,
+                value=value,
+                visit=vid,
+                unit=unit,
+                vcode=e.value_code,
+            )
         if v.discharge is not None and v.discharge != mc.discharge_code(None):
             add(end, v.discharge, visit=vid, table="visit_occurrence")
     if tl.death is not None:
@@ -259,5 +269,13 @@ def timeline_to_meds(
     return pl.DataFrame(rows, schema=pl.Schema(mc.EVENT_SCHEMA), orient="row")
 
 
-__all__ = ["OOV", "DecodeError", "Event", "Timeline", "Visit", "decode_ids", "decode_tokens",
-           "timeline_to_meds"]
+__all__ = [
+    "OOV",
+    "DecodeError",
+    "Event",
+    "Timeline",
+    "Visit",
+    "decode_ids",
+    "decode_tokens",
+    "timeline_to_meds",
+]

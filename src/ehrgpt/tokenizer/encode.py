@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ehrgpt import meds_columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
@@ -48,7 +49,7 @@ from ehrgpt.tokenizer.vocab import (
 )
 
 MIN_PRETRAIN_TOKENS = 20
-_DEATH_ORDER = 2**30
+_DEATH_ORDER = 2**21  # after any visit; (2**21 + 1) * 2**40 fits the int64 sort key
 I32 = pl.Int32
 
 
@@ -123,12 +124,65 @@ def _with_att(frame: pl.DataFrame, gap_col: str, tok: EhrTokenizer) -> pl.DataFr
 
 
 def _day_ids(n: pl.Expr, tok: EhrTokenizer) -> tuple[pl.Expr, pl.Expr]:
-    """Day tokens for a day change ``n`` >= 0: a list of repeated i-D1079, and the remainder."""
+    """Day tokens for a day change ``n`` >= 0: the remainder token, and how often i-D1079."""
     full = tt.MAX_DAY_TOKEN
-    repeats = pl.lit(tok.day_base + full - 1, I32).repeat_by((n // full).clip(0))
     r = n % full
     rest = pl.when(r > 0).then((tok.day_base + r - 1).cast(I32)).otherwise(None)
-    return repeats, rest
+    return rest, (n // full).clip(0)
+
+
+# Sort key of a token inside a subject: visit order, section, event order, slot.
+_OPEN, _EVENTS, _CLOSE = 0, 1, 2
+
+
+def _key(section: int, slot: int, eord: pl.Expr | None = None) -> pl.Expr:
+    key = (pl.col("vord").cast(pl.Int64) + 1) * 2**40 + (section * 2**38 + slot)
+    return key if eord is None else key + eord * 16
+
+
+def _token_rows(
+    frame: pl.DataFrame, id_expr: pl.Expr, section: int, slot: int, eord: pl.Expr | None = None
+) -> pl.DataFrame:
+    """One token per row of ``frame`` (null ids are dropped later)."""
+    return frame.select(
+        "subject_id",
+        _key(section, slot, eord).alias("key"),
+        id_expr.cast(I32).alias("id"),
+        pl.col("day").cast(I32),
+    )
+
+
+def _repeat_rows(frame: pl.DataFrame, n: pl.Expr, section: int, tok: EhrTokenizer) -> pl.DataFrame:
+    """The repeated ``i-D1079`` tokens of day changes of 1079 days or more (rare)."""
+    _, repeats = _day_ids(n, tok)
+    long = frame.filter(repeats > 0)
+    eord = pl.col("eord") if "eord" in long.columns else None
+    return (
+        long.select(
+            "subject_id",
+            _key(section, 0, eord).alias("key"),
+            pl.lit(tok.day_base + tt.MAX_DAY_TOKEN - 1, I32).repeat_by(repeats).alias("id"),
+            pl.col("day").cast(I32),
+        )
+        .explode("id")
+        .with_columns(pl.col("id").cast(I32))
+    )
+
+
+def _to_lists(flat: pl.DataFrame) -> pl.DataFrame:
+    """Rows sorted by subject -> one row per subject with list columns, without a group_by."""
+    subjects = flat["subject_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, subjects[1:] != subjects[:-1]]) if len(subjects) else []
+    offsets = pa.array(np.r_[starts, len(subjects)].astype(np.int32))
+    ids = pa.ListArray.from_arrays(offsets, pa.array(flat["id"].to_numpy()))
+    days = pa.ListArray.from_arrays(offsets, pa.array(flat["day"].to_numpy()))
+    table = pa.table(
+        {"subject_id": pa.array(subjects[starts] if len(subjects) else [], pa.int64()),
+         "input_ids": ids, "days": days}
+    )
+    out = pl.from_arrow(table)
+    assert isinstance(out, pl.DataFrame)
+    return out
 
 
 def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, EncodeStats]:
@@ -148,26 +202,53 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
 
     static = frame.filter(time.is_null())
     persons = (
-        frame.select("subject_id").unique()
-        .join(static.filter(code.str.starts_with(mc.GENDER_PREFIX)).group_by("subject_id")
-              .agg(code.first().alias("gender")), on="subject_id", how="left")
-        .join(static.filter(code.str.starts_with(mc.RACE_PREFIX)).group_by("subject_id")
-              .agg(code.first().alias("race")), on="subject_id", how="left")
-        .join(frame.filter(code == mc.BIRTH_CODE).group_by("subject_id")
-              .agg(time.min().alias("birth")), on="subject_id", how="left")
-        .join(frame.filter(code == mc.DEATH_CODE).group_by("subject_id")
-              .agg(time.min().alias("death")), on="subject_id", how="left")
+        frame.select("subject_id")
+        .unique()
+        .join(
+            static.filter(code.str.starts_with(mc.GENDER_PREFIX))
+            .group_by("subject_id")
+            .agg(code.first().alias("gender")),
+            on="subject_id",
+            how="left",
+        )
+        .join(
+            static.filter(code.str.starts_with(mc.RACE_PREFIX))
+            .group_by("subject_id")
+            .agg(code.first().alias("race")),
+            on="subject_id",
+            how="left",
+        )
+        .join(
+            frame.filter(code == mc.BIRTH_CODE)
+            .group_by("subject_id")
+            .agg(time.min().alias("birth")),
+            on="subject_id",
+            how="left",
+        )
+        .join(
+            frame.filter(code == mc.DEATH_CODE)
+            .group_by("subject_id")
+            .agg(time.min().alias("death")),
+            on="subject_id",
+            how="left",
+        )
     )
 
     timed = frame.filter(time.is_not_null())
     is_visit = code.str.starts_with(mc.VISIT_PREFIX)
     is_discharge = code.str.starts_with(mc.DISCHARGE_PREFIX)
     visit_rows = (
-        timed.filter(is_visit).group_by("subject_id", "visit_id")
-        .agg(code.first().alias("vtype"), time.min().alias("vstart"), pl.col("end").max().alias("vend"))
+        timed.filter(is_visit)
+        .group_by("subject_id", "visit_id")
+        .agg(
+            code.first().alias("vtype"),
+            time.min().alias("vstart"),
+            pl.col("end").max().alias("vend"),
+        )
     )
     discharges = (
-        timed.filter(is_discharge).group_by("subject_id", "visit_id")
+        timed.filter(is_discharge)
+        .group_by("subject_id", "visit_id")
         .agg(code.first().alias("discharge"))
     )
     events = timed.filter(
@@ -217,34 +298,42 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     )
 
     # Events: clamp to visit start, order, day changes, ids.
-    events = (
-        events.join(visits.select("subject_id", "visit_id", "vord", "start2"),
-                    on=["subject_id", "visit_id"], how="inner")
-        .with_columns(
-            pl.max_horizontal("d", "start2").alias("d2"),
-            # An event moved to its visit start sorts as if it happened at the start's midnight.
-            pl.max_horizontal("time", pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d")
-                              .cast(pl.Datetime("us"))).alias("t2"),
-        )
+    events = events.join(
+        visits.select("subject_id", "visit_id", "vord", "start2"),
+        on=["subject_id", "visit_id"],
+        how="inner",
+    ).with_columns(
+        pl.max_horizontal("d", "start2").alias("d2"),
+        # An event moved to its visit start sorts as if it happened at the start's midnight.
+        pl.max_horizontal(
+            "time",
+            pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d").cast(pl.Datetime("us")),
+        ).alias("t2"),
     )
     events = assign_bins(events, tok.value_bins).with_columns(
         _ids(code, tok).alias("code_id"),
         pl.when(pl.col("value_code").is_not_null())
-        .then(_ids(pl.lit(VALUE_PREFIX) + pl.col("value_code"), tok)).alias("vcode_id"),
+        .then(_ids(pl.lit(VALUE_PREFIX) + pl.col("value_code"), tok))
+        .alias("vcode_id"),
         (pl.col("bin").cast(I32) + tok.bin_base).alias("bin_id"),
     )
     # Within a visit: by time, then token id (so an [OOV] sorts the same before and after
     # decoding), then value.
-    events = events.sort("subject_id", "vord", "t2", "code_id", "bin_id", "vcode_id",
-                         nulls_last=True)
+    events = events.sort(
+        "subject_id", "vord", "t2", "code_id", "bin_id", "vcode_id", nulls_last=True
+    )
     stats.events = events.height
-    stats.events_moved_to_visit_start = int(events.select((pl.col("d") < pl.col("start2")).sum()).item() or 0)
+    stats.events_moved_to_visit_start = int(
+        events.select((pl.col("d") < pl.col("start2")).sum()).item() or 0
+    )
     same_visit = (pl.col("subject_id") == pl.col("subject_id").shift(1)) & (
         pl.col("vord") == pl.col("vord").shift(1)
     )
     events = events.with_columns(
-        (pl.col("d2") - pl.when(same_visit).then(pl.col("d2").shift(1)).otherwise(pl.col("start2")))
-        .alias("n")
+        (
+            pl.col("d2")
+            - pl.when(same_visit).then(pl.col("d2").shift(1)).otherwise(pl.col("start2"))
+        ).alias("n")
     )
     stats.values_binned = int(events["bin"].is_not_null().sum())
     stats.values_without_bins = int(
@@ -258,43 +347,46 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         {VALUE_PREFIX + k: v for k, v in oov_values["value_code"].value_counts().iter_rows()}
     )
     stats.oov_tokens = oov_rows.height + oov_values.height
-    repeats, rest = _day_ids(pl.col("n"), tok)
-    event_pieces = events.select(
-        "subject_id", "vord",
-        pl.lit(1, pl.Int8).alias("sect"),
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("eord"),
-        pl.concat_list(repeats, rest, "code_id", "bin_id", "vcode_id").list.drop_nulls()
-        .alias("ids"),
-        pl.col("d2").alias("day"),
+    token_rows: list[pl.DataFrame] = []
+    day_rest, _ = _day_ids(pl.col("n"), tok)
+    ev = events.with_columns(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("eord"), pl.col("d2").alias("day")
     )
+    for slot, id_expr in enumerate(
+        (day_rest, pl.col("code_id"), pl.col("bin_id"), pl.col("vcode_id")), start=1
+    ):
+        token_rows.append(_token_rows(ev, id_expr, _EVENTS, slot, pl.col("eord")))
+    token_rows.append(_repeat_rows(ev, pl.col("n"), _EVENTS, tok))
 
     # Visit open / close pieces.
     last_event = events.group_by("subject_id", "vord").agg(pl.col("d2").max().alias("last_d"))
     visits = _with_att(visits, "gap", tok).join(last_event, on=["subject_id", "vord"], how="left")
     vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
-    open_pieces = visits.select(
-        "subject_id", "vord", pl.lit(0, pl.Int8).alias("sect"), pl.lit(0, pl.Int64).alias("eord"),
-        pl.concat_list("a1", "a2", "a3", pl.lit(vs, I32), _ids(pl.col("vtype"), tok))
-        .list.drop_nulls().alias("ids"),
-        pl.col("start2").alias("day"),
+    opened = visits.with_columns(pl.col("start2").alias("day"))
+    for slot, id_expr in enumerate(
+        (pl.col("a1"), pl.col("a2"), pl.col("a3"), pl.lit(vs, I32), _ids(pl.col("vtype"), tok))
+    ):
+        token_rows.append(_token_rows(opened, id_expr, _OPEN, slot))
+    closed = visits.with_columns(
+        (pl.col("end_d") - pl.coalesce("last_d", "start2")).alias("n_end"),
+        pl.col("end_d").alias("day"),
     )
-    n_end = pl.col("end_d") - pl.coalesce("last_d", "start2")
-    end_repeats, end_rest = _day_ids(n_end, tok)
+    end_rest, _ = _day_ids(pl.col("n_end"), tok)
     discharge = pl.when("inpatient").then(
         _ids(pl.col("discharge").fill_null(mc.discharge_code(None)), tok)
     )
-    close_pieces = visits.select(
-        "subject_id", "vord", pl.lit(2, pl.Int8).alias("sect"), pl.lit(0, pl.Int64).alias("eord"),
-        pl.concat_list(end_repeats, end_rest, discharge, pl.lit(ve, I32))
-        .list.drop_nulls().alias("ids"),
-        pl.col("end_d").alias("day"),
-    )
+    token_rows.append(_repeat_rows(closed, pl.col("n_end"), _CLOSE, tok))
+    for slot, id_expr in enumerate((end_rest, discharge, pl.lit(ve, I32)), start=1):
+        token_rows.append(_token_rows(closed, id_expr, _CLOSE, slot))
 
     # Prompt and death pieces, per subject with at least one visit.
-    firsts = visits.filter(pl.col("vord") == 0).select("subject_id", pl.col("start2").alias("first_day"))
+    firsts = visits.filter(pl.col("vord") == 0).select(
+        "subject_id", pl.col("start2").alias("first_day")
+    )
     lasts = visits.group_by("subject_id").agg(pl.col("end_d").max().alias("last_end"))
-    persons = persons.join(firsts, on="subject_id", how="left").join(lasts, on="subject_id",
-                                                                       how="left")
+    persons = persons.join(firsts, on="subject_id", how="left").join(
+        lasts, on="subject_id", how="left"
+    )
     stats.subjects_without_visits = int(persons["first_day"].is_null().sum())
     persons = persons.filter(pl.col("first_day").is_not_null())
     stats.subjects = persons.height
@@ -302,52 +394,63 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     first = pl.from_epoch(pl.col("first_day").cast(pl.Int64), time_unit="d")
     birth = pl.col("birth").dt.date()
     age = (
-        first.dt.year() - birth.dt.year()
+        first.dt.year()
+        - birth.dt.year()
         - ((first.dt.month() * 100 + first.dt.day()) < (birth.dt.month() * 100 + birth.dt.day()))
         .cast(pl.Int32)
     )
     year_id = (first.dt.year().clip(*YEAR_RANGE) - YEAR_RANGE[0] + tok.year_base).cast(I32)
     age_id = (
-        pl.when(pl.col("birth").is_null()).then(pl.lit(tok.token_to_id[AGE_UNKNOWN]))
-        .otherwise(age.clip(0, MAX_AGE) + tok.age_base).cast(I32)
+        pl.when(pl.col("birth").is_null())
+        .then(pl.lit(tok.token_to_id[AGE_UNKNOWN]))
+        .otherwise(age.clip(0, MAX_AGE) + tok.age_base)
+        .cast(I32)
     )
-    prompt_pieces = persons.select(
-        "subject_id", pl.lit(-1, I32).alias("vord"), pl.lit(0, pl.Int8).alias("sect"),
-        pl.lit(0, pl.Int64).alias("eord"),
-        pl.concat_list(
-            year_id, age_id,
+    prompt = persons.with_columns(pl.lit(-1, I32).alias("vord"), pl.col("first_day").alias("day"))
+    for slot, id_expr in enumerate(
+        (
+            year_id,
+            age_id,
             _ids(pl.col("gender").fill_null(mc.gender_code(None)), tok),
             _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
-        ).alias("ids"),
-        pl.col("first_day").alias("day"),
+        )
+    ):
+        token_rows.append(_token_rows(prompt, id_expr, _OPEN, slot))
+    died = (
+        persons.filter(pl.col("death").is_not_null())
+        .with_columns(_days("death").alias("death_d"))
+        .with_columns(
+            pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap"),
+            pl.lit(_DEATH_ORDER, I32).alias("vord"),
+        )
     )
-    died = persons.filter(pl.col("death").is_not_null()).with_columns(
-        _days("death").alias("death_d")
-    ).with_columns(
-        pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap")
+    died = _with_att(died, "dgap", tok).with_columns(
+        pl.max_horizontal("death_d", "last_end").alias("day")
     )
-    died = _with_att(died, "dgap", tok)
-    death_pieces = died.select(
-        "subject_id", pl.lit(_DEATH_ORDER, I32).alias("vord"), pl.lit(0, pl.Int8).alias("sect"),
-        pl.lit(0, pl.Int64).alias("eord"),
-        pl.concat_list("a1", "a2", "a3", pl.lit(vs, I32), pl.lit(tok.token_to_id[DEATH], I32),
-                       pl.lit(ve, I32)).list.drop_nulls().alias("ids"),
-        pl.max_horizontal("death_d", "last_end").alias("day"),
-    )
+    for slot, id_expr in enumerate(
+        (
+            pl.col("a1"),
+            pl.col("a2"),
+            pl.col("a3"),
+            pl.lit(vs, I32),
+            pl.lit(tok.token_to_id[DEATH], I32),
+            pl.lit(ve, I32),
+        )
+    ):
+        token_rows.append(_token_rows(died, id_expr, _OPEN, slot))
 
-    pieces = pl.concat(
-        [p.with_columns(pl.col("vord").cast(I32), pl.col("day").cast(I32),
-                        pl.col("ids").cast(pl.List(I32)))
-         for p in (prompt_pieces, open_pieces, event_pieces, close_pieces, death_pieces)],
-        how="vertical",
-    ).filter(pl.col("subject_id").is_in(persons["subject_id"].implode()))
+    flat = (
+        pl.concat(token_rows, how="vertical")
+        .filter(pl.col("id").is_not_null())
+        .sort("subject_id", "key")
+    )
     out = (
-        pieces.sort("subject_id", "vord", "sect", "eord")
-        .explode("ids")
-        .group_by("subject_id", maintain_order=True)
-        .agg(pl.col("ids").alias("input_ids"), pl.col("day").alias("days"))
-        .join(persons.select("subject_id", "first_day",
-                             _days("birth").alias("birth_day")), on="subject_id", how="left")
+        _to_lists(flat)
+        .join(
+            persons.select("subject_id", "first_day", _days("birth").alias("birth_day")),
+            on="subject_id",
+            how="inner",
+        )
         .with_columns(pl.col("input_ids").list.len().cast(I32).alias("n_tokens"))
         .sort("subject_id")
     )

@@ -40,8 +40,9 @@ def collect_statistics(
     counts: Counter = Counter()
     n_subjects = 0
     samples = []
-    for i, path in enumerate(track(shards, len(shards), "Vocabulary", unit="shards",
-                                   enabled=progress)):
+    for i, path in enumerate(
+        track(shards, len(shards), "Vocabulary", unit="shards", enabled=progress)
+    ):
         frame = pl.read_parquet(path)
         n_subjects += frame["subject_id"].n_unique()
         counts.update(dict(patient_code_counts(frame).iter_rows()))
@@ -67,8 +68,13 @@ def fit_tokenizer(
     counts, n_subjects, samples = collect_statistics(train_shards, seed=seed, progress=progress)
     bins = fit_value_bins(samples)
     if base is None:
-        tok = EhrTokenizer.build(att_scheme, code_counts=counts, n_subjects=n_subjects,
-                                 min_prevalence=min_prevalence, value_bins=bins)
+        tok = EhrTokenizer.build(
+            att_scheme,
+            code_counts=counts,
+            n_subjects=n_subjects,
+            min_prevalence=min_prevalence,
+            value_bins=bins,
+        )
         return tok, len(tok)
     added = base.expand(counts, n_subjects=n_subjects, value_bins=bins)
     return base, added

@@ -79,8 +79,11 @@ def att_tokens(days: int, scheme: str = "day") -> list[str]:
     if d < LONG_FROM[scheme]:
         return [_short_token(d, scheme)]
     k = min(d // 365, MAX_YEARS)
-    return [LONG_TOKEN, f"Y{k}", _remainder_token(d - 365 * k if k < MAX_YEARS else d % 365,
-                                                   scheme)]
+    return [
+        LONG_TOKEN,
+        f"Y{k}",
+        _remainder_token(d - 365 * k if k < MAX_YEARS else d % 365, scheme),
+    ]
 
 
 def _short_range(token: str, scheme: str) -> tuple[int, int]:
@@ -146,8 +149,9 @@ def is_att_token(token: str) -> bool:
 
 def att_lookup(scheme: str, token_ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Arrays mapping a short gap (index d) and a long-gap remainder (index r) to token ids."""
-    short = np.array([token_ids[_short_token(d, scheme)] for d in range(LONG_FROM[scheme])],
-                     dtype=np.int32)
+    short = np.array(
+        [token_ids[_short_token(d, scheme)] for d in range(LONG_FROM[scheme])], dtype=np.int32
+    )
     rem = np.array([token_ids[_remainder_token(r, scheme)] for r in range(365)], dtype=np.int32)
     return short, rem
 

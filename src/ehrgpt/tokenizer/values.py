@@ -73,9 +73,7 @@ def fit_value_bins(samples: list[pl.DataFrame]) -> dict[tuple[str, str | None], 
     """Merge per-shard samples and cut 10 equal-count bins per (code, unit) with >= 40 values."""
     if not samples:
         return {}
-    merged = pl.concat(samples).with_columns(
-        (pl.col("n") / pl.col("values").list.len()).alias("w")
-    )
+    merged = pl.concat(samples).with_columns((pl.col("n") / pl.col("values").list.len()).alias("w"))
     bins: dict[tuple[str, str | None], ValueBins] = {}
     for (code, unit), group in merged.group_by("code", "unit"):
         total = int(group["n"].sum())
@@ -125,13 +123,17 @@ def assign_bins(frame: pl.DataFrame, bins: dict[tuple[str, str | None], ValueBin
             "unit": [k[1] for k in bins],
             **{f"_e{i}": [b.edges[i] for b in bins.values()] for i in range(N_BINS - 1)},
         },
-        schema={"code": pl.String, "unit": pl.String,
-                **{f"_e{i}": pl.Float64 for i in range(N_BINS - 1)}},
+        schema={
+            "code": pl.String,
+            "unit": pl.String,
+            **{f"_e{i}": pl.Float64 for i in range(N_BINS - 1)},
+        },
     )
     joined = frame.join(table, on=["code", "unit"], how="left", nulls_equal=True)
     value = pl.col("numeric_value").cast(pl.Float64)
-    count = pl.sum_horizontal([(value >= pl.col(f"_e{i}")).cast(pl.Int8)
-                               for i in range(N_BINS - 1)])
+    count = pl.sum_horizontal(
+        [(value >= pl.col(f"_e{i}")).cast(pl.Int8) for i in range(N_BINS - 1)]
+    )
     has = value.is_not_null() & value.is_finite() & pl.col("_e0").is_not_null()
     return joined.with_columns(
         pl.when(has).then(count).otherwise(None).cast(pl.Int8).alias("bin")

@@ -37,7 +37,13 @@ from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.values import N_BINS, ValueBins, bins_from_json, bins_to_json
 
 PAD, OOV, START, END, VS, VE, DEATH = (
-    "[PAD]", "[OOV]", "[START]", "[END]", "[VS]", "[VE]", "[DEATH]"
+    "[PAD]",
+    "[OOV]",
+    "[START]",
+    "[END]",
+    "[VS]",
+    "[VE]",
+    "[DEATH]",
 )
 SPECIAL_TOKENS = (PAD, OOV, START, END, VS, VE, DEATH)
 YEAR_RANGE = (1800, 2100)
@@ -121,7 +127,8 @@ class EhrTokenizer:
             self.value_bins.setdefault(key, b)
         threshold = self.min_prevalence * n_subjects
         new = [
-            c for c, n in code_counts.items()
+            c
+            for c, n in code_counts.items()
             if c not in self.token_to_id and (is_structure_code(c) or (n >= threshold and n > 0))
         ]
         # Structure codes first, then by frequency, ties by name: deterministic ids.
@@ -219,11 +226,13 @@ class EhrTokenizer:
             tokens=tokens,
             min_prevalence=config["min_prevalence"],
             value_bins=bins_from_json(json.loads(bins_path.read_text()))
-            if bins_path.exists() else {},
+            if bins_path.exists()
+            else {},
             code_counts=json.loads(counts_path.read_text()) if counts_path.exists() else {},
             n_subjects=config.get("n_subjects", 0),
-            inpatient_visit_codes=tuple(config.get("inpatient_visit_codes",
-                                                   sorted(mc.INPATIENT_VISIT_CODES))),
+            inpatient_visit_codes=tuple(
+                config.get("inpatient_visit_codes", sorted(mc.INPATIENT_VISIT_CODES))
+            ),
         )
 
 

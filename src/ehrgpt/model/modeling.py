@@ -1,0 +1,480 @@
+"""The ehrgpt decoder and its pretraining heads (Hugging Face single-model-file style).
+
+A decoder-only transformer over patient timelines, with four heads trained together (SPEC 5):
+
+1. next token: cross-entropy over the vocabulary;
+2. time decomposition: where the next token starts an ATT, its (years, months, days) parts,
+   three cross-entropies, **summed** (each part is its own question, as in the reference);
+3. time to next visit: Gamma negative log-likelihood of ``gap + 1`` days (the shift makes a
+   same-day gap of 0 valid), shape and rate from a softplus head clamped to [1e-3, 1e3];
+4. value: where the next token is a value bin ``VAL:Q<k>``, cross-entropy over the bins.
+
+Each loss is the mean over exactly the positions where its target exists (``-100``, or a
+non-finite / negative gap, means "no target"); padding never enters a count (the reference
+divides by counts that include padding and masks the value loss at the wrong position).
+Targets are built per record by :func:`ehrgpt.training.targets.make_targets`; the model only
+consumes them.
+
+Block design (choices, against the reference's GPT-2 and Qwen2 backbones):
+
+- **pre-norm RMSNorm + SwiGLU MLP** (Llama / Qwen2 blocks): RMSNorm is as stable as LayerNorm
+  and cheaper; SwiGLU trains better than GELU at the same parameter count (Shazeer 2020). The
+  presets size the MLP at 8/3 of hidden so a block costs what a GPT-2 block of the same width
+  costs, so ``base`` matches the authors' 768-hidden, 14-layer recipe.
+- **rotary positions over ``position_ids``**, which restart at 0 for each packed record (the
+  reference's GPT-2 variant has no position signal at all). No position table: any length runs.
+- **attention with** :func:`torch.nn.functional.scaled_dot_product_attention`. Sample packing:
+  ``segment_ids`` [B, T] name the record of each token (0 = padding); attention is causal and
+  block-diagonal, so no record sees another. A row with one segment and no padding takes the
+  ``is_causal=True`` fast path (flash kernels on GPU); otherwise one boolean [B, 1, T, T] mask
+  is built per forward and shared by all layers. Its cost grows with T^2, so packed rows should
+  be about the context length (a FlexAttention block mask is the way to go beyond that).
+- no biases, tied input/output embeddings, GPT-2 initialisation (std 0.02, residual output
+  projections scaled by 1/sqrt(2 x layers)); the Gamma head starts at an exponential with a
+  mean of 100 days so that its first losses are on the scale of the cross-entropies.
+
+>>> import torch
+>>> from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
+>>> _ = torch.manual_seed(0)
+>>> model = EhrGptForCausalLM(EhrGptConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+...                                        num_attention_heads=2, intermediate_size=64))
+>>> ids = torch.randint(7, 50, (1, 6))
+>>> labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+>>> out = model(ids, labels=labels)
+>>> out.logits.shape, sorted(out.losses), bool(out.loss > 0)
+(torch.Size([1, 6, 50]), ['next_token'], True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from ehrgpt.model.configuration import EhrGptConfig
+
+__all__ = [
+    "IGNORE_INDEX",
+    "EhrGptForCausalLM",
+    "EhrGptModel",
+    "EhrGptOutput",
+    "EhrGptPreTrainedModel",
+    "block_causal_mask",
+    "estimate_flops_per_token",
+    "gamma_nll",
+    "positions_from_segments",
+]
+
+IGNORE_INDEX = -100
+#: Range of the Gamma shape and rate (as in the reference).
+GAMMA_CLAMP = (1e-3, 1e3)
+#: The Gamma head starts at shape 1, rate 1/GAP_PRIOR_DAYS (an exponential with this mean).
+GAP_PRIOR_DAYS = 100.0
+
+
+# -- attention helpers ------------------------------------------------------------------------
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the segment id changes along a row.
+
+    Adjacent records must have different ids (the packer numbers them 1, 2, 3...).
+
+    >>> positions_from_segments(torch.tensor([[1, 1, 1, 2, 2, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+    """
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor | None:
+    """Boolean [B, 1, T, T] mask (True = may attend): causal and within one segment.
+
+    ``None`` when every row is a single segment, where plain ``is_causal`` attention is the
+    same thing and faster. Padding (segment 0) attends only to padding, so no row is empty.
+
+    >>> block_causal_mask(torch.tensor([[1, 1, 2]]))[0, 0].int().tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    >>> block_causal_mask(torch.tensor([[3, 3, 3]])) is None
+    True
+    """
+    if bool((segment_ids == segment_ids[:, :1]).all()):
+        return None
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines [B, 1, T, head_dim] of the rotary angles at ``position_ids`` [B, T]."""
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
+    inv_freq = theta ** (-exponents / head_dim)
+    angles = position_ids[..., None].float() * inv_freq  # [B, T, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the halves of ``x`` [B, H, T, D] by the angles (the ``rotate_half`` layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# -- blocks ---------------------------------------------------------------------------------
+
+
+class EhrGptAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with rotary positions.
+
+    ``past_key_value`` (keys and values of earlier tokens, [B, H_kv, T_past, D]) is prepended
+    and the new keys and values are returned, ready for a KV cache. With a cache and more than
+    one new token, the caller passes the mask (``is_causal`` aligns to the top-left corner).
+    """
+
+    def __init__(self, config: EhrGptConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.dropout = config.dropout
+        width = (self.n_head + 2 * self.n_kv) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj._residual_proj = True  # GPT-2 init: std / sqrt(2 x layers)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, _ = x.shape
+        sizes = (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
+        q, k, v = self.qkv_proj(x).split(sizes, dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_value is not None:
+            k = torch.cat([past_key_value[0], k], dim=2)
+            v = torch.cat([past_key_value[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and past_key_value is None,
+            enable_gqa=self.n_kv != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
+        return self.o_proj(y), (k, v)
+
+
+class EhrGptMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up in one matmul."""
+
+    def __init__(self, config: EhrGptConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj._residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class EhrGptBlock(GradientCheckpointingLayer):
+    """Pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: EhrGptConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = EhrGptAttention(config)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = EhrGptMLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask)[0])
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+class EhrGptPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the Hugging Face plumbing shared by the ehrgpt models."""
+
+    config_class = EhrGptConfig
+    config: EhrGptConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EhrGptBlock"]  # noqa: RUF012 (Hugging Face class attribute)
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Hugging Face calls this once per module, leaves first, and skips modules without
+        # parameters of their own; so the special cases are marked on the Linear layers.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_residual_proj", False):
+                std /= math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "_gamma_head", False):
+                # softplus^-1 of shape 1 and rate 1 / GAP_PRIOR_DAYS.
+                start = torch.tensor([1.0, 1.0 / GAP_PRIOR_DAYS])
+                init.copy_(module.bias, torch.log(torch.expm1(start)))
+            elif module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            init.ones_(module.weight)
+
+
+class EhrGptModel(EhrGptPreTrainedModel):
+    """The decoder: token embeddings, blocks, final norm -> hidden states [B, T, hidden]."""
+
+    def __init__(self, config: EhrGptConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(EhrGptBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> BaseModelOutput:
+        """Hidden states of ``input_ids`` [B, T].
+
+        Args:
+            input_ids: token ids [B, T].
+            position_ids: rotary positions [B, T]; default: from ``segment_ids``, restarting at
+                0 for each segment.
+            segment_ids: record of each token [B, T] (0 = padding); attention stays inside a
+                segment. Default: ``attention_mask`` (1 = token, 0 = padding), else one segment.
+            attention_mask: the usual Hugging Face padding mask, used only without segment_ids.
+        """
+        if segment_ids is None:
+            segment_ids = (
+                attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
+            )
+        if position_ids is None:
+            position_ids = positions_from_segments(segment_ids)
+        mask = block_causal_mask(segment_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        x = self.embed_dropout(self.embed_tokens(input_ids))
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return BaseModelOutput(last_hidden_state=self.norm(x))
+
+
+@dataclass
+class EhrGptOutput(ModelOutput):
+    """What :class:`EhrGptForCausalLM` returns.
+
+    Attributes:
+        loss: weighted sum of the losses whose targets were given (``None`` if none were).
+        logits: next-token logits [B, T, vocab].
+        losses: each loss term, detached: ``next_token``, ``time_year``, ``time_month``,
+            ``time_day``, ``time_decomposition`` (the sum of the three), ``time_to_visit``,
+            ``value``.
+        n_targets: positions each loss averaged over (for token-weighted accumulation).
+        time_year_logits, time_month_logits, time_day_logits: parts of the next ATT [B, T, C].
+        time_gap_shape, time_gap_rate: Gamma parameters of (next gap in days + 1) [B, T].
+        value_logits: bin of the next value token [B, T, n_value_bins].
+        last_hidden_state: final normed hidden states [B, T, hidden].
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    n_targets: dict[str, torch.Tensor] | None = None
+    time_year_logits: torch.Tensor | None = None
+    time_month_logits: torch.Tensor | None = None
+    time_day_logits: torch.Tensor | None = None
+    time_gap_shape: torch.Tensor | None = None
+    time_gap_rate: torch.Tensor | None = None
+    value_logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+    def expected_time_gap(self) -> torch.Tensor:
+        """Mean of the predicted gap to the next visit in days (shape / rate - 1) [B, T]."""
+        return self.time_gap_shape / self.time_gap_rate - 1.0
+
+
+def gamma_nll(shape: torch.Tensor, rate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of ``x`` > 0 under Gamma(shape, rate), elementwise."""
+    return torch.lgamma(shape) - shape * rate.log() - (shape - 1) * x.log() + rate * x
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over positions whose target is not -100 (0 when there are none)."""
+    n = (target != IGNORE_INDEX).sum()
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        target.reshape(-1).long(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / n.clamp(min=1), n
+
+
+class EhrGptForCausalLM(EhrGptPreTrainedModel):
+    """The pretraining model: the decoder plus next-token, time and value heads."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+
+    def __init__(self, config: EhrGptConfig) -> None:
+        super().__init__(config)
+        h = config.hidden_size
+        self.model = EhrGptModel(config)
+        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.time_year_head = nn.Linear(h, config.n_year_classes)
+        self.time_month_head = nn.Linear(h, config.n_month_classes)
+        self.time_day_head = nn.Linear(h, config.n_day_classes)
+        self.time_gap_head = nn.Linear(h, 2)  # softplus -> (shape, rate)
+        self.time_gap_head._gamma_head = True
+        self.value_head = nn.Linear(h, config.n_value_bins)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        time_year: torch.Tensor | None = None,
+        time_month: torch.Tensor | None = None,
+        time_day: torch.Tensor | None = None,
+        time_gap: torch.Tensor | None = None,
+        value_bin: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> EhrGptOutput:
+        """Run the decoder and the heads; with targets, the losses (all targets [B, T]).
+
+        Args:
+            input_ids, position_ids, segment_ids, attention_mask: as in :class:`EhrGptModel`.
+            labels: the next token (already shifted), -100 where there is none.
+            time_year, time_month, time_day: parts of the next ATT's gap, -100 elsewhere.
+            time_gap: the next ATT's gap in days (float), NaN or negative elsewhere.
+            value_bin: bin (0..n_value_bins-1) of the next token if it is a value bin, else -100.
+        """
+        c = self.config
+        h = self.model(input_ids, position_ids, segment_ids, attention_mask).last_hidden_state
+        gap_params = F.softplus(self.time_gap_head(h).float()).clamp(*GAMMA_CLAMP)
+        out = EhrGptOutput(
+            logits=self.lm_head(h),
+            time_year_logits=self.time_year_head(h),
+            time_month_logits=self.time_month_head(h),
+            time_day_logits=self.time_day_head(h),
+            time_gap_shape=gap_params[..., 0],
+            time_gap_rate=gap_params[..., 1],
+            value_logits=self.value_head(h),
+            last_hidden_state=h,
+        )
+        terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if labels is not None:
+            terms["next_token"] = _masked_ce(out.logits, labels)
+        time_parts = (
+            ("time_year", out.time_year_logits, time_year),
+            ("time_month", out.time_month_logits, time_month),
+            ("time_day", out.time_day_logits, time_day),
+        )
+        for name, logits, target in time_parts:
+            if target is not None:
+                terms[name] = _masked_ce(logits, target)
+        if time_gap is not None:
+            valid = torch.isfinite(time_gap) & (time_gap >= 0)
+            nll = gamma_nll(
+                out.time_gap_shape[valid], out.time_gap_rate[valid], time_gap[valid].float() + 1.0
+            )
+            n = valid.sum()
+            terms["time_to_visit"] = (nll.sum() / n.clamp(min=1), n)
+        if value_bin is not None:
+            terms["value"] = _masked_ce(out.value_logits, value_bin)
+        if not terms:
+            return out
+
+        parts = [terms[k] for k in ("time_year", "time_month", "time_day") if k in terms]
+        if parts:
+            terms["time_decomposition"] = (sum(p[0] for p in parts), parts[0][1])
+        weights = {
+            "next_token": c.next_token_weight,
+            "time_decomposition": c.time_decomposition_weight,
+            "time_to_visit": c.time_to_visit_weight,
+            "value": c.value_weight,
+        }
+        out.loss = sum(weights[k] * terms[k][0] for k in weights if k in terms)
+        out.losses = {k: v.detach() for k, (v, _) in terms.items()}
+        out.n_targets = {k: n.detach() for k, (_, n) in terms.items()}
+        return out
+
+
+def estimate_flops_per_token(config: EhrGptConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token, nanoGPT / PaLM style: 6N + 12 L H T.
+
+    ``N`` counts the parameters that take part in matmuls (the embedding lookup does not, the
+    output layer and heads do); the attention term uses ``seq_len`` (default: the context),
+    counting the whole T x T score matrix as PaLM does. For packed rows of short records, pass
+    the mean record length to count only the attention that the block mask lets through.
+
+    >>> from ehrgpt.model.configuration import config_from_preset
+    >>> f = estimate_flops_per_token(config_from_preset("base", vocab_size=3000))
+    >>> round(f / 1e6)
+    1138
+    """
+    c = config
+    t = c.max_position_embeddings if seq_len is None else seq_len
+    qkv = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    per_layer = qkv + c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    heads = c.vocab_size + c.n_year_classes + c.n_month_classes + c.n_day_classes + 2
+    n = c.num_hidden_layers * per_layer + c.hidden_size * (heads + c.n_value_bins)
+    return 6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * t
+
+
+AutoConfig.register("ehrgpt", EhrGptConfig, exist_ok=True)
+AutoModel.register(EhrGptConfig, EhrGptModel, exist_ok=True)
+AutoModelForCausalLM.register(EhrGptConfig, EhrGptForCausalLM, exist_ok=True)
