@@ -49,7 +49,6 @@ from ehrgpt.tokenizer.vocab import (
 )
 
 MIN_PRETRAIN_TOKENS = 20
-_DEATH_ORDER = 2**21  # after any visit; (2**21 + 1) * 2**40 fits the int64 sort key
 I32 = pl.Int32
 
 
@@ -131,13 +130,31 @@ def _day_ids(n: pl.Expr, tok: EhrTokenizer) -> tuple[pl.Expr, pl.Expr]:
     return rest, (n // full).clip(0)
 
 
-# Sort key of a token inside a subject: visit order, section, event order, slot.
-_OPEN, _EVENTS, _CLOSE = 0, 1, 2
+# The order of tokens in a shard is one int64 key: the visit's place among all visits of the
+# shard (visits are sorted by subject, then start), the section of that visit (the prompt
+# belongs to a subject's first visit, death to its last), the event's place, the slot.
+_PROMPT, _OPEN, _EVENTS, _CLOSE, _DEATH = range(5)
 
 
 def _key(section: int, slot: int, eord: pl.Expr | None = None) -> pl.Expr:
-    key = (pl.col("vord").cast(pl.Int64) + 1) * 2**40 + (section * 2**38 + slot)
-    return key if eord is None else key + eord * 16
+    key = (pl.col("g") * 5 + section) * 2**33 + slot
+    return key if eord is None else key + eord * 8
+
+
+def _with_visit_key(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add ``vkey``, one int64 per (subject, visit) so grouping and joins use a single column.
+
+    Events without a visit id get one visit per subject and day (ids below any real one).
+    """
+    day_group = -(10**12) - pl.col("time").dt.date().cast(pl.Int64)
+    frame = frame.with_columns(pl.coalesce("visit_id", day_group).alias("visit_id"))
+    subject = pl.col("subject_id").rank("dense").cast(pl.Int64)
+    lo, hi = frame["visit_id"].min(), frame["visit_id"].max()
+    if frame.height == 0 or (lo is not None and lo > -(2**41) and hi < 2**41):
+        visit = pl.col("visit_id") + 2**41
+    else:  # ids too wide to pack: rank them (slower, always exact)
+        visit = pl.col("visit_id").rank("dense").cast(pl.Int64)
+    return frame.with_columns((subject * 2**42 + visit).alias("vkey"))
 
 
 def _token_rows(
@@ -177,8 +194,11 @@ def _to_lists(flat: pl.DataFrame) -> pl.DataFrame:
     ids = pa.ListArray.from_arrays(offsets, pa.array(flat["id"].to_numpy()))
     days = pa.ListArray.from_arrays(offsets, pa.array(flat["day"].to_numpy()))
     table = pa.table(
-        {"subject_id": pa.array(subjects[starts] if len(subjects) else [], pa.int64()),
-         "input_ids": ids, "days": days}
+        {
+            "subject_id": pa.array(subjects[starts] if len(subjects) else [], pa.int64()),
+            "input_ids": ids,
+            "days": days,
+        }
     )
     out = pl.from_arrow(table)
     assert isinstance(out, pl.DataFrame)
@@ -234,40 +254,41 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         )
     )
 
-    timed = frame.filter(time.is_not_null())
+    timed = _with_visit_key(frame.filter(time.is_not_null()))
     is_visit = code.str.starts_with(mc.VISIT_PREFIX)
     is_discharge = code.str.starts_with(mc.DISCHARGE_PREFIX)
     visit_rows = (
         timed.filter(is_visit)
-        .group_by("subject_id", "visit_id")
+        .group_by("vkey")
         .agg(
+            pl.col("subject_id").first(),
+            pl.col("visit_id").first(),
             code.first().alias("vtype"),
             time.min().alias("vstart"),
             pl.col("end").max().alias("vend"),
         )
     )
-    discharges = (
-        timed.filter(is_discharge)
-        .group_by("subject_id", "visit_id")
-        .agg(code.first().alias("discharge"))
-    )
+    discharges = timed.filter(is_discharge).group_by("vkey").agg(code.first().alias("discharge"))
     events = timed.filter(
         ~is_visit & ~is_discharge & ~code.is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
     ).with_columns(_days("time").alias("d"))
-    no_visit = events["visit_id"].null_count()
-    stats.events_without_visit = no_visit
-    if no_visit:
-        events = events.with_columns(
-            pl.coalesce("visit_id", -(10**12) - pl.col("d").cast(pl.Int64)).alias("visit_id")
-        )
+    stats.events_without_visit = events["visit_id"].null_count()
 
     # Visits: type, start, raw end; cursor end = running max of raw ends (SPEC: no overlap).
-    ev_span = events.group_by("subject_id", "visit_id").agg(
-        time.min().alias("tmin"), pl.col("d").max().alias("dmax")
+    ev_span = events.group_by("vkey").agg(
+        pl.col("subject_id").first(),
+        pl.col("visit_id").first(),
+        time.min().alias("tmin"),
+        pl.col("d").max().alias("dmax"),
     )
     visits = (
-        ev_span.join(visit_rows, on=["subject_id", "visit_id"], how="full", coalesce=True)
-        .join(discharges, on=["subject_id", "visit_id"], how="left")
+        ev_span.join(visit_rows, on="vkey", how="full", coalesce=True)
+        .with_columns(
+            pl.coalesce("subject_id", "subject_id_right").alias("subject_id"),
+            pl.coalesce("visit_id", "visit_id_right").alias("visit_id"),
+        )
+        .drop("subject_id_right", "visit_id_right")
+        .join(discharges, on="vkey", how="left")
         .with_columns(
             pl.col("vtype").fill_null(mc.visit_code(None)),
             pl.coalesce("vstart", "tmin").alias("start"),
@@ -289,6 +310,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .with_columns(
             pl.max_horizontal("start_d", "prev_end").alias("start2"),
             pl.int_range(pl.len(), dtype=I32).over("subject_id").alias("vord"),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("g"),
         )
         .with_columns((pl.col("start2") - pl.col("prev_end")).alias("gap"))
     )
@@ -299,9 +321,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
 
     # Events: clamp to visit start, order, day changes, ids.
     events = events.join(
-        visits.select("subject_id", "visit_id", "vord", "start2"),
-        on=["subject_id", "visit_id"],
-        how="inner",
+        visits.select("vkey", "vord", "g", "start2"), on="vkey", how="inner"
     ).with_columns(
         pl.max_horizontal("d", "start2").alias("d2"),
         # An event moved to its visit start sorts as if it happened at the start's midnight.
@@ -319,16 +339,12 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     )
     # Within a visit: by time, then token id (so an [OOV] sorts the same before and after
     # decoding), then value.
-    events = events.sort(
-        "subject_id", "vord", "t2", "code_id", "bin_id", "vcode_id", nulls_last=True
-    )
+    events = events.sort("g", "t2", "code_id", "bin_id", "vcode_id", nulls_last=True)
     stats.events = events.height
     stats.events_moved_to_visit_start = int(
         events.select((pl.col("d") < pl.col("start2")).sum()).item() or 0
     )
-    same_visit = (pl.col("subject_id") == pl.col("subject_id").shift(1)) & (
-        pl.col("vord") == pl.col("vord").shift(1)
-    )
+    same_visit = pl.col("g") == pl.col("g").shift(1)
     events = events.with_columns(
         (
             pl.col("d2")
@@ -359,8 +375,8 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     token_rows.append(_repeat_rows(ev, pl.col("n"), _EVENTS, tok))
 
     # Visit open / close pieces.
-    last_event = events.group_by("subject_id", "vord").agg(pl.col("d2").max().alias("last_d"))
-    visits = _with_att(visits, "gap", tok).join(last_event, on=["subject_id", "vord"], how="left")
+    last_event = events.group_by("g").agg(pl.col("d2").max().alias("last_d"))
+    visits = _with_att(visits, "gap", tok).join(last_event, on="g", how="left")
     vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
     opened = visits.with_columns(pl.col("start2").alias("day"))
     for slot, id_expr in enumerate(
@@ -381,9 +397,11 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
 
     # Prompt and death pieces, per subject with at least one visit.
     firsts = visits.filter(pl.col("vord") == 0).select(
-        "subject_id", pl.col("start2").alias("first_day")
+        "subject_id", pl.col("start2").alias("first_day"), pl.col("g").alias("first_g")
     )
-    lasts = visits.group_by("subject_id").agg(pl.col("end_d").max().alias("last_end"))
+    lasts = visits.group_by("subject_id").agg(
+        pl.col("end_d").max().alias("last_end"), pl.col("g").max().alias("last_g")
+    )
     persons = persons.join(firsts, on="subject_id", how="left").join(
         lasts, on="subject_id", how="left"
     )
@@ -396,8 +414,9 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     age = (
         first.dt.year()
         - birth.dt.year()
-        - ((first.dt.month() * 100 + first.dt.day()) < (birth.dt.month() * 100 + birth.dt.day()))
-        .cast(pl.Int32)
+        - (
+            (first.dt.month() * 100 + first.dt.day()) < (birth.dt.month() * 100 + birth.dt.day())
+        ).cast(pl.Int32)
     )
     year_id = (first.dt.year().clip(*YEAR_RANGE) - YEAR_RANGE[0] + tok.year_base).cast(I32)
     age_id = (
@@ -406,7 +425,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .otherwise(age.clip(0, MAX_AGE) + tok.age_base)
         .cast(I32)
     )
-    prompt = persons.with_columns(pl.lit(-1, I32).alias("vord"), pl.col("first_day").alias("day"))
+    prompt = persons.with_columns(pl.col("first_g").alias("g"), pl.col("first_day").alias("day"))
     for slot, id_expr in enumerate(
         (
             year_id,
@@ -415,13 +434,13 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
             _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
         )
     ):
-        token_rows.append(_token_rows(prompt, id_expr, _OPEN, slot))
+        token_rows.append(_token_rows(prompt, id_expr, _PROMPT, slot))
     died = (
         persons.filter(pl.col("death").is_not_null())
         .with_columns(_days("death").alias("death_d"))
         .with_columns(
             pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap"),
-            pl.lit(_DEATH_ORDER, I32).alias("vord"),
+            pl.col("last_g").alias("g"),
         )
     )
     died = _with_att(died, "dgap", tok).with_columns(
@@ -437,13 +456,9 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
             pl.lit(ve, I32),
         )
     ):
-        token_rows.append(_token_rows(died, id_expr, _OPEN, slot))
+        token_rows.append(_token_rows(died, id_expr, _DEATH, slot))
 
-    flat = (
-        pl.concat(token_rows, how="vertical")
-        .filter(pl.col("id").is_not_null())
-        .sort("subject_id", "key")
-    )
+    flat = pl.concat(token_rows, how="vertical").filter(pl.col("id").is_not_null()).sort("key")
     out = (
         _to_lists(flat)
         .join(
