@@ -156,7 +156,7 @@ def run_prepare(source: str, out: str, progress: bool) -> dict:
 
     r = prepare(source, Path(out), overwrite=True, progress=progress)
     return {
-        "n_events": int(r.n_events),
+        "n_events": int(r.n_source_rows),
         "n_subjects": int(r.n_subjects),
         "n_tokens": int(r.n_tokens),
         "seconds": float(r.seconds),

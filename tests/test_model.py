@@ -452,10 +452,10 @@ def test_tiny_model_trains_a_step_on_eunomia(eunomia_records):
     for pair in (records[:2], records[2:4]):
         recs = []
         for ids in pair:
-            ids = torch.from_numpy(ids[:200])
+            ids = torch.from_numpy(ids[:120])
             targets = make_targets(ids, tokenizer)
             recs.append((ids, targets))
-        rows.append(pack(recs, 420))
+        rows.append(pack(recs, 250))
     batch = stack(rows)
     out = model(**batch)
     assert torch.isfinite(out.loss)
@@ -467,3 +467,27 @@ def test_tiny_model_trains_a_step_on_eunomia(eunomia_records):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     optimizer.step()
     assert model(**batch).loss.item() < out.loss.item()
+
+
+def test_attention_extends_to_a_kv_cache(model):
+    """The attention module takes earlier keys/values: last token alone == full pass."""
+    from ehrgpt.model.modeling import rotary_cos_sin
+
+    attn = model.model.layers[0].attn
+    x = torch.randn(1, 7, model.config.hidden_size)
+    cos, sin = rotary_cos_sin(torch.arange(7)[None], model.config.head_dim, model.config.rope_theta)
+    full, _ = attn(x, cos, sin, None)
+    _, past = attn(x[:, :6], cos[..., :6, :], sin[..., :6, :], None)
+    last, (k, _) = attn(x[:, 6:], cos[..., 6:, :], sin[..., 6:, :], None, past_key_value=past)
+    assert k.shape[2] == 7
+    torch.testing.assert_close(last, full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_autocast_trains(model):
+    batch = stack([pack([hand_record(10, 14, att_at=(3,), value_at=(5,))], 12)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    assert out.losses["time_to_visit"].dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    model.zero_grad()

@@ -6,11 +6,14 @@ run, and codes that the Eunomia vocabulary lacked stop being ``[OOV]``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+from ehrgpt.errors import EhrgptError
+from ehrgpt.prepare import prepare
 from ehrgpt.tokenizer.encode import EncodeStats, encode_shard
 from ehrgpt.tokenizer.vocab import OOV, EhrTokenizer
 from tests.conftest_runs import (
@@ -118,3 +121,22 @@ def test_expanded_run_tokenizes_the_same_patients(
     a, b = tokens_frame(synthea_expanded_run), tokens_frame(synthea_run)
     assert a["subject_id"].to_list() == b["subject_id"].to_list()
     assert a["n_tokens"].to_list() == b["n_tokens"].to_list()
+
+
+def test_expansion_keeps_the_time_scheme(
+    eunomia_run: Path, tiny_meds: Path, tmp_path: Path
+) -> None:
+    # The base tokenizer's time tokens keep their meaning: another scheme is refused ...
+    with pytest.raises(EhrgptError, match="differs from the scheme of the --vocab-from"):
+        prepare(
+            str(tiny_meds),
+            tmp_path / "mix",
+            vocab_from=eunomia_run,
+            att_scheme="mix",
+            progress=False,
+        )
+    assert not (tmp_path / "mix").exists()
+    # ... and without --att-scheme the base scheme is used and recorded.
+    run = prepare(str(tiny_meds), tmp_path / "same", vocab_from=eunomia_run, progress=False)
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["att_scheme"] == "day"

@@ -70,15 +70,16 @@ def _summary_table(result) -> Table:
     table = Table(title="prepare: summary", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    rate = result.n_events / max(result.seconds, 1e-9)
+    rate = result.n_source_rows / max(result.seconds, 1e-9)
     for what, value in (
         ("run folder", str(result.run_dir)),
-        ("events (MEDS rows from clinical tables)", f"{result.n_events:,}"),
+        ("clinical rows read", f"{result.n_source_rows:,}"),
+        ("MEDS rows written", f"{result.n_rows:,}"),
         ("subjects", f"{result.n_subjects:,}"),
         ("tokens", f"{result.n_tokens:,}"),
         ("vocabulary", f"{result.vocab_size:,}"),
         ("seconds", f"{result.seconds:.1f}"),
-        ("events per second", f"{rate:,.0f}"),
+        ("clinical rows per second", f"{rate:,.0f}"),
     ):
         table.add_row(what, value)
     return table
@@ -110,9 +111,8 @@ def _run_prepare(**kwargs) -> None:
 @click.option(
     "--att-scheme",
     type=click.Choice(SCHEMES),
-    default="day",
-    show_default=True,
-    help="How gaps between visits become tokens.",
+    default=None,
+    help="How gaps between visits become tokens [default: day, or the scheme of --vocab-from].",
 )
 @click.option(
     "--min-prevalence",

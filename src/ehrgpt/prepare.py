@@ -44,7 +44,8 @@ class PrepareResult:
     """What ``prepare`` made, with the headline counts."""
 
     run_dir: Path
-    n_events: int
+    n_rows: int  # MEDS rows written
+    n_source_rows: int  # clinical rows read from the source (all tables but person)
     n_subjects: int
     n_tokens: int
     vocab_size: int
@@ -75,7 +76,7 @@ def prepare(
     source: str,
     out: Path,
     *,
-    att_scheme: str = "day",
+    att_scheme: str | None = None,
     min_prevalence: float = 0.001,
     seed: int = 0,
     overwrite: bool = False,
@@ -85,9 +86,27 @@ def prepare(
     memory_limit: str = "2GB",
     progress: bool = True,
 ) -> PrepareResult:
-    """Ingest ``source`` and write a prepared run folder at ``out`` (see module docstring)."""
+    """Ingest ``source`` and write a prepared run folder at ``out`` (see module docstring).
+
+    ``att_scheme`` defaults to ``day``, or to the scheme of the ``vocab_from`` tokenizer (a
+    different scheme with ``vocab_from`` is an error: its time tokens would change meaning).
+    With ``vocab_from``, ``min_prevalence`` applies to the codes of the new data.
+    """
     started = time.perf_counter()
     out = Path(out).resolve()
+    base_tokenizer = None
+    if vocab_from:
+        folder = Path(vocab_from)
+        base_tokenizer = EhrTokenizer.from_pretrained(
+            folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+        )
+        if att_scheme and att_scheme != base_tokenizer.att_scheme:
+            raise EhrgptError(
+                f"--att-scheme {att_scheme} differs from the scheme of the --vocab-from "
+                f"tokenizer ({base_tokenizer.att_scheme}); leave --att-scheme out to keep it."
+            )
+        base_tokenizer.min_prevalence = min_prevalence
+    att_scheme = att_scheme or (base_tokenizer.att_scheme if base_tokenizer else "day")
     if att_scheme not in SCHEMES:
         raise EhrgptError(f"--att-scheme must be one of {', '.join(SCHEMES)}, not {att_scheme!r}.")
     if not 0 <= min_prevalence < 1:
@@ -96,15 +115,7 @@ def prepare(
         raise OutputExistsError(
             f"The output folder {out} already exists; choose another --out or pass --overwrite."
         )
-    base_tokenizer = (
-        EhrTokenizer.from_pretrained(
-            Path(vocab_from) / "tokenizer"
-            if (Path(vocab_from) / "tokenizer").is_dir()
-            else Path(vocab_from)
-        )
-        if vocab_from
-        else None
-    )
+    created_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -149,6 +160,9 @@ def prepare(
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent:
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()
         raise
     result.run_dir = out
     result.seconds = time.perf_counter() - started
@@ -252,6 +266,7 @@ def _prepare_into(
         run / TOKENIZED / "stats.json",
         {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}},
     )
+    source_rows = sum(t.read for name, t in quality.tables.items() if name != "person")
     return PrepareResult(
-        run, meds.n_events, stats.subjects, stats.tokens, len(tokenizer), 0.0, quality
+        run, meds.n_rows, source_rows, stats.subjects, stats.tokens, len(tokenizer), 0.0, quality
     )

@@ -44,6 +44,7 @@ from ehrgpt.training.trainer import (
     TrainConfig,
     Trainer,
     TrainState,
+    _save_pretrained,
     list_checkpoints,
     read_state,
     restore_logs,
@@ -243,7 +244,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def _save_best(model, out: Path, tokenizer_dir: Path, state: TrainState) -> None:
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    _save_pretrained(model, tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()

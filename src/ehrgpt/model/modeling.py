@@ -86,7 +86,9 @@ GAP_PRIOR_DAYS = 100.0
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 wherever the segment id changes along a row.
 
-    Adjacent records must have different ids (the packer numbers them 1, 2, 3...).
+    Adjacent records must have different ids (the packer numbers them 1, 2, 3...). Rotary
+    attention depends only on position differences, so restarting changes no score in exact
+    arithmetic; it keeps the angles of a packed record the ones it gets alone or in generation.
 
     >>> positions_from_segments(torch.tensor([[1, 1, 1, 2, 2, 0]])).tolist()
     [[0, 1, 2, 0, 1, 0]]
@@ -278,7 +280,6 @@ class EhrGptModel(EhrGptPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs: object,
     ) -> BaseModelOutput:
         """Hidden states of ``input_ids`` [B, T].
 
@@ -391,7 +392,6 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel):
         time_gap: torch.Tensor | None = None,
         value_bin: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs: object,
     ) -> EhrGptOutput:
         """Run the decoder and the heads; with targets, the losses (all targets [B, T]).
 

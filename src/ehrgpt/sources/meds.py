@@ -161,7 +161,7 @@ def import_meds(
                   JOIN split_frame s ON s.subject_id = m.subject_id)
             TO {sql_str(str(parts))} (FORMAT parquet, PARTITION_BY (split, shard))
         """)
-        out_shards = sort_partitions(parts, meds_dir / "data")
+        out_shards, n_written = sort_partitions(parts, meds_dir / "data")
     finally:
         con.close()
     steps.advance("metadata")
@@ -191,4 +191,4 @@ def import_meds(
     )
     quality.patients = {"in MEDS data": splits.height, "kept": splits.height}
     steps.close()
-    return MedsResult(meds_dir, int(n_rows), splits.height, out_shards)
+    return MedsResult(meds_dir, n_written, splits.height, out_shards)

@@ -48,7 +48,7 @@ class MedsResult:
     """What the conversion wrote."""
 
     meds_dir: Path
-    n_events: int
+    n_rows: int  # MEDS rows written (events, visits, person attributes, birth, death)
     n_subjects: int
     shards: list[Path]
 
@@ -392,7 +392,7 @@ def omop_to_meds(
     """)
 
     steps.advance("sorting shards")
-    shards = sort_partitions(parts, meds_dir / "data")
+    shards, n_rows = sort_partitions(parts, meds_dir / "data")
     steps.advance("metadata")
     codes = _codes_frame(con, parts)
     write_metadata(
@@ -402,14 +402,16 @@ def omop_to_meds(
         splits=splits,
         extra_columns=mc.EXTRA_COLUMNS,
     )
-    n_events = sum(t.used for name, t in quality.tables.items() if name != "person")
     steps.close()
-    return MedsResult(meds_dir, int(n_events), int(n_kept), shards)
+    return MedsResult(meds_dir, n_rows, int(n_kept), shards)
 
 
-def sort_partitions(parts: Path, data_dir: Path) -> list[Path]:
-    """Turn ``split=X/shard=N/*.parquet`` partitions into sorted MEDS shards ``X/N.parquet``."""
-    shards = []
+def sort_partitions(parts: Path, data_dir: Path) -> tuple[list[Path], int]:
+    """Turn ``split=X/shard=N/*.parquet`` partitions into sorted MEDS shards ``X/N.parquet``.
+
+    Returns the shards and the number of rows written.
+    """
+    shards, n_rows = [], 0
     for split_dir in sorted(parts.glob("split=*")):
         split = split_dir.name.split("=", 1)[1]
         for shard_dir in sorted(split_dir.glob("shard=*"), key=lambda p: int(p.name.split("=")[1])):
@@ -419,7 +421,8 @@ def sort_partitions(parts: Path, data_dir: Path) -> list[Path]:
             out = data_dir / split / f"{shard}.parquet"
             write_parquet_atomic(table, out)
             shards.append(out)
-    return shards
+            n_rows += table.num_rows
+    return shards, n_rows
 
 
 def sort_events(frame: pl.DataFrame) -> pl.DataFrame:

@@ -93,9 +93,15 @@ class TrainConfig:
 
 #: Training settings per model preset (CPU-sized for tiny; the authors' recipe for base).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"tokens_per_row": 2048, "lr": 2e-3, "epochs": 8, "eval_every": 50},
-    "small": {"tokens_per_row": 16384, "lr": 5e-4, "epochs": 10, "eval_every": 200},
-    "base": {"tokens_per_row": 16384, "lr": 2e-4, "epochs": 10, "eval_every": 500},
+    # Rows as long as the context: attention over a packed row costs O(row^2) (one dense
+    # block-diagonal mask), so on CPU 4 rows of 512 train ~5x faster than 1 row of 2048.
+    "tiny": {"tokens_per_row": 512, "rows_per_batch": 4, "lr": 2e-3, "epochs": 4,
+             "eval_every": 50, "checkpoint_every": 50},
+    # 16,384 tokens per batch as in the authors' recipe, in rows of the context length.
+    "small": {"tokens_per_row": 2048, "rows_per_batch": 8, "lr": 5e-4, "epochs": 10,
+              "eval_every": 200, "checkpoint_every": 200},
+    "base": {"tokens_per_row": 4096, "rows_per_batch": 4, "lr": 2e-4, "epochs": 10,
+             "eval_every": 500, "checkpoint_every": 500},
 }
 
 #: Settings that fix the data stream: a resumed run must use the same values.
@@ -361,7 +367,7 @@ class Trainer:
                 with self._autocast():
                     out = self.model(**batch)
                 (out.loss / len(batch_ids)).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss) / len(batch_ids)
+            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / len(batch_ids)
             for key, value in (out.losses or {}).items():
                 sums[key] = sums.get(key, 0.0) + float(value) / len(batch_ids)
             n_tokens += int((batch["segment_ids"] > 0).sum())
@@ -518,7 +524,7 @@ class Trainer:
             tmp = folder.with_name(f".{folder.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.raw.save_pretrained(tmp)
+            _save_pretrained(self.raw, tmp)
             torch.save(
                 {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                 tmp / "optimizer.pt",
@@ -626,6 +632,19 @@ def _json(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _save_pretrained(model: torch.nn.Module, folder: Path) -> None:
+    """``save_pretrained`` without transformers' progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,0 +1,1 @@
+"""Generation: constrained sampling of patient timelines (SPEC section 6)."""
