@@ -13,3 +13,7 @@ class SourceError(EhrgptError):
 
 class OutputExistsError(EhrgptError):
     """The output folder exists and ``--overwrite`` was not given."""
+
+
+class SinkError(EhrgptError):
+    """Events cannot be written as asked (MEDS folder, OMOP file, folder or database)."""

@@ -151,8 +151,7 @@ def _prepare_out(out: Path, resume: bool, dist: D.DistInfo) -> Path | None:
             error = f"--out {out} is a file, not a folder."
         elif out.exists() and any(out.iterdir()) and not _is_ours(out):
             error = (
-                f"The folder {out} exists and is not an ehrgpt model folder; choose another "
-                "--out."
+                f"The folder {out} exists and is not an ehrgpt model folder; choose another --out."
             )
         elif out.exists() and not resume:
             shutil.rmtree(out)
@@ -431,10 +430,11 @@ def train(
         if dist.is_main:
             peak = _peak_flops(dist.device)
             write_model_card(out, result, resolved, trainer.raw.config, peak)
-        D.barrier(dist)
-        return result
-    finally:
         D.shutdown(dist)
+        return result
+    except BaseException:
+        D.shutdown(dist, wait=False)
+        raise
 
 
 def _seed_everything(seed: int) -> None:
@@ -448,7 +448,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _fmt(x: float, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+    return (
+        "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+    )
 
 
 def write_model_card(
@@ -465,6 +467,7 @@ def write_model_card(
         train["tokens_per_row"] * train["rows_per_batch"] * train["grad_accum"]
     ) * result.world_size
     achieved = d["flops_per_token"] * result.tokens_per_second
+    rate = f"{achieved / 1e12:.2f} TFLOP/s" if achieved >= 1e11 else f"{achieved / 1e9:.2f} GFLOP/s"
     mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a (no known peak for this device)"
     last_val = {}
     if (out / METRICS).exists():
@@ -528,20 +531,18 @@ def write_model_card(
         f"{train['grad_clip']:g} |",
         f"| device | {result.device} x {result.world_size} |",
         f"| training time | {result.seconds:,.0f} s |",
-        f"| throughput | {result.tokens_per_second:,.0f} tokens/s, "
-        f"{achieved / 1e12:.3f} TFLOP/s, MFU {mfu} |",
+        f"| throughput | {result.tokens_per_second:,.0f} tokens/s, {rate}, MFU {mfu} |",
         f"| stopped because | {result.stop_reason} |",
         f"| seed | {settings['seed']} |",
         "",
-        "## Results on the tuning split (best step "
-        f"{result.best_step})",
+        f"## Results on the tuning split (best step {result.best_step})",
         "",
         "| metric | value |",
         "|---|---:|",
         f"| validation loss (sum of the heads' losses) | {_fmt(result.val_loss)} |",
         f"| validation perplexity (next token) | {_fmt(result.val_ppl, 2)} |",
         f"| unigram baseline perplexity (same tokens) | {_fmt(result.unigram_ppl, 2)} |",
-        f"| unigram / model perplexity | {_fmt(ratio, 1)} x |",
+        f"| unigram / model perplexity | {_fmt(ratio, 2)} x |",
         *(f"| validation {k} loss | {_fmt(v)} |" for k, v in sorted(last_val.items())),
         "",
         "## Use",

@@ -53,7 +53,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
@@ -143,12 +149,16 @@ class EhrGptAttention(nn.Module):
     """Multi-head (or grouped-query) self-attention with rotary positions.
 
     ``past_key_value`` (keys and values of earlier tokens, [B, H_kv, T_past, D]) is prepended
-    and the new keys and values are returned, ready for a KV cache. With a cache and more than
-    one new token, the caller passes the mask (``is_causal`` aligns to the top-left corner).
+    and the new keys and values are returned. ``cache`` is any object with the Hugging Face
+    cache method ``update(k, v, layer_idx) -> (k_all, v_all)`` (a ``DynamicCache`` in
+    ``generate()``, or the slot cache of :mod:`ehrgpt.generation.engine`). With earlier tokens
+    and more than one new token, the caller passes the mask (``is_causal`` would align to the
+    top-left corner).
     """
 
-    def __init__(self, config: EhrGptConfig) -> None:
+    def __init__(self, config: EhrGptConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -167,6 +177,7 @@ class EhrGptAttention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache=None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, _ = x.shape
         sizes = (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
@@ -175,7 +186,9 @@ class EhrGptAttention(nn.Module):
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_value is not None:
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        elif past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
         y = F.scaled_dot_product_attention(
@@ -184,7 +197,7 @@ class EhrGptAttention(nn.Module):
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and past_key_value is None,
+            is_causal=mask is None and k.shape[2] == t,
             enable_gqa=self.n_kv != self.n_head,
         )
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
@@ -208,18 +221,24 @@ class EhrGptMLP(nn.Module):
 class EhrGptBlock(GradientCheckpointingLayer):
     """Pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: EhrGptConfig) -> None:
+    def __init__(self, config: EhrGptConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = EhrGptAttention(config)
+        self.attn = EhrGptAttention(config, layer_idx)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = EhrGptMLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache=None,
     ) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask)[0])
+        attended = self.attn(self.attn_norm(x), cos, sin, mask, cache=cache)[0]
+        x = x + self.resid_dropout(attended)
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -263,7 +282,7 @@ class EhrGptModel(EhrGptPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(EhrGptBlock(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(EhrGptBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -280,6 +299,7 @@ class EhrGptModel(EhrGptPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache=None,
     ) -> BaseModelOutput:
         """Hidden states of ``input_ids`` [B, T].
 
@@ -289,8 +309,20 @@ class EhrGptModel(EhrGptPreTrainedModel):
                 0 for each segment.
             segment_ids: record of each token [B, T] (0 = padding); attention stays inside a
                 segment. Default: ``attention_mask`` (1 = token, 0 = padding), else one segment.
-            attention_mask: the usual Hugging Face padding mask, used only without segment_ids.
+            attention_mask: the usual Hugging Face padding mask [B, T_past + T], used only
+                without segment_ids; or a boolean [B, 1, T, T_past + T] mask used as it is.
+            cache: a key/value cache (see :class:`EhrGptAttention`) holding earlier tokens.
         """
+        past = cache.get_seq_length() if cache is not None else 0
+        if (attention_mask is not None and attention_mask.dim() == 4) or past:
+            mask, position_ids = _cached_mask_and_positions(
+                input_ids, past, position_ids, attention_mask
+            )
+            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+            x = self.embed_dropout(self.embed_tokens(input_ids))
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, cache=cache)
+            return BaseModelOutput(last_hidden_state=self.norm(x))
         if segment_ids is None:
             segment_ids = (
                 attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
@@ -301,8 +333,44 @@ class EhrGptModel(EhrGptPreTrainedModel):
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_dropout(self.embed_tokens(input_ids))
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, cache=cache)
         return BaseModelOutput(last_hidden_state=self.norm(x))
+
+
+def _cached_mask_and_positions(
+    input_ids: torch.Tensor,
+    past: int,
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Mask and positions for new tokens that follow ``past`` cached ones.
+
+    A 4-D boolean mask is used as given (the caller also gives positions). A 2-D padding mask
+    [B, past + T] gives positions by counting real tokens and a causal mask that skips padding;
+    without one, positions continue from ``past`` and one new token needs no mask.
+    """
+    t = input_ids.shape[1]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if position_ids is None:
+            raise ValueError("a 4-D attention mask needs position_ids")
+        return attention_mask.bool(), position_ids
+    device = input_ids.device
+    if attention_mask is None:
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=device).expand(input_ids.shape[0], t)
+        if t == 1:
+            return None, position_ids
+        keys = torch.ones(input_ids.shape[0], past + t, dtype=torch.bool, device=device)
+    else:
+        keys = attention_mask[:, -(past + t) :].bool()
+        if position_ids is None:
+            position_ids = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+        if t == 1 and bool(keys.all()):
+            return None, position_ids
+    causal = torch.ones(t, past + t, dtype=torch.bool, device=device).tril(diagonal=past)
+    # Every query sees itself, so a padding query never has an empty row (NaN in SDPA).
+    itself = torch.eye(t, past + t, dtype=torch.bool, device=device).roll(past, dims=1)
+    return ((causal[None] & keys[:, None, :]) | itself[None])[:, None], position_ids
 
 
 @dataclass
@@ -333,6 +401,7 @@ class EhrGptOutput(ModelOutput):
     time_gap_rate: torch.Tensor | None = None
     value_logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    cache: object | None = None
 
     def expected_time_gap(self) -> torch.Tensor:
         """Mean of the predicted gap to the next visit in days (shape / rate - 1) [B, T]."""
@@ -356,8 +425,12 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     return total / n.clamp(min=1), n
 
 
-class EhrGptForCausalLM(EhrGptPreTrainedModel):
-    """The pretraining model: the decoder plus next-token, time and value heads."""
+class EhrGptForCausalLM(EhrGptPreTrainedModel, GenerationMixin):
+    """The pretraining model: the decoder plus next-token, time and value heads.
+
+    It also runs under Hugging Face ``generate()`` (with its key/value cache); ehrgpt's own
+    engine (:mod:`ehrgpt.generation.engine`) is faster and keeps timelines valid.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
 
@@ -392,6 +465,10 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel):
         time_gap: torch.Tensor | None = None,
         value_bin: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
     ) -> EhrGptOutput:
         """Run the decoder and the heads; with targets, the losses (all targets [B, T]).
 
@@ -401,9 +478,17 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel):
             time_year, time_month, time_day: parts of the next ATT's gap, -100 elsewhere.
             time_gap: the next ATT's gap in days (float), NaN or negative elsewhere.
             value_bin: bin (0..n_value_bins-1) of the next token if it is a value bin, else -100.
+            cache: a key/value cache of earlier tokens (``generate()`` passes one).
+            use_cache, return_dict: accepted for ``generate()``; outputs are always a dict.
+            logits_to_keep: if > 0, heads run on the last ``logits_to_keep`` positions only.
         """
+        del use_cache, return_dict
         c = self.config
-        h = self.model(input_ids, position_ids, segment_ids, attention_mask).last_hidden_state
+        h = self.model(
+            input_ids, position_ids, segment_ids, attention_mask, cache=cache
+        ).last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         gap_params = F.softplus(self.time_gap_head(h).float()).clamp(*GAMMA_CLAMP)
         out = EhrGptOutput(
             logits=self.lm_head(h),
@@ -414,6 +499,7 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel):
             time_gap_rate=gap_params[..., 1],
             value_logits=self.value_head(h),
             last_hidden_state=h,
+            cache=cache,
         )
         terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if labels is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +29,20 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from ehrgpt import meds_columns as mc
-from ehrgpt.errors import EhrgptError
+from ehrgpt.errors import SinkError
 from ehrgpt.meds_dataset import SPLITS, check_shard, write_metadata, write_parquet_atomic
 from ehrgpt.sources.omop_to_meds import sort_events
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SHARD_ROWS", "MedsSinkResult", "MedsWriter", "as_event_frame"]
+__all__ = [
+    "DEFAULT_SHARD_ROWS",
+    "MedsSinkResult",
+    "MedsWriter",
+    "as_event_frame",
+    "column_or_null",
+    "used_codes",
+]
 
 #: Rows a shard holds before it is written (whole subjects, so a shard may hold a few more).
 DEFAULT_SHARD_ROWS = 500_000
@@ -55,17 +61,22 @@ def as_event_frame(frame: pl.DataFrame) -> pl.DataFrame:
     """
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
-        raise EhrgptError(
+        raise SinkError(
             f"MEDS rows given to a sink lack the column(s) {', '.join(missing)}; a MEDS event "
             "table needs subject_id, time and code."
         )
     schema = pl.Schema(mc.EVENT_SCHEMA)
-    return frame.select(
-        [
-            pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype).alias(name)
-            for name, dtype in schema.items()
-        ]
-    )
+    return frame.select([column_or_null(frame, name, dtype) for name, dtype in schema.items()])
+
+
+def column_or_null(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
+    """Column ``name`` of ``frame`` cast to ``dtype``, or nulls of that type when it lacks it.
+
+    >>> f = pl.DataFrame({"a": [1]})
+    >>> f.select(column_or_null(f, "a", pl.String()), column_or_null(f, "b", pl.Int8())).rows()
+    [('1', None)]
+    """
+    return (pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype)).alias(name)
 
 
 @dataclass
@@ -105,7 +116,7 @@ class MedsWriter:
         default_split: str = meds.train_split,
     ) -> None:
         if shard_rows < 1:
-            raise EhrgptError(f"shard_rows must be at least 1 (got {shard_rows}).")
+            raise SinkError(f"shard_rows must be at least 1 (got {shard_rows}).")
         self.meds_dir = Path(out_dir)
         self.codes = codes
         self.dataset_name = dataset_name
@@ -157,11 +168,11 @@ class MedsWriter:
         if rows.is_empty():
             return []
         if rows[mc.SUBJECT_ID].null_count():
-            raise EhrgptError("MEDS rows given to the MEDS writer have a null subject_id.")
+            raise SinkError("MEDS rows given to the MEDS writer have a null subject_id.")
         ids = rows[mc.SUBJECT_ID].unique()
         seen = [i for i in ids.to_list() if i in self._done or i in self._buffered_subjects]
         if seen:
-            raise EhrgptError(
+            raise SinkError(
                 f"{len(seen)} subject(s) of this chunk (e.g. {min(seen)}) were already written to "
                 f"{self.meds_dir}; give each subject's rows in one chunk, and skip "
                 "completed_subjects() when resuming."
@@ -200,7 +211,7 @@ class MedsWriter:
         shards = self._shards()
         for shard in shards:
             check_shard(shard)
-        used = _used_codes(shards)
+        used = used_codes(pl.scan_parquet(shards)).collect()
         codes = used.join(self.codes.unique("code", keep="first"), on="code", how="left")
         splits = pl.DataFrame(
             {"subject_id": list(self._done), "split": list(self._done.values())},
@@ -221,7 +232,7 @@ class MedsWriter:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise EhrgptError(f"The MEDS writer of {self.meds_dir} is already closed.")
+            raise SinkError(f"The MEDS writer of {self.meds_dir} is already closed.")
 
     def __enter__(self) -> MedsWriter:
         return self
@@ -233,7 +244,7 @@ class MedsWriter:
 
 def _check_split(name: str) -> str:
     if not name or "/" in name or name.startswith("."):
-        raise EhrgptError(f"{name!r} cannot be a MEDS split name (use e.g. {', '.join(SPLITS)}).")
+        raise SinkError(f"{name!r} cannot be a MEDS split name (use e.g. {', '.join(SPLITS)}).")
     return name
 
 
@@ -260,9 +271,14 @@ def _split_column(rows: pl.DataFrame, split: str | pl.DataFrame | None, default:
     )
 
 
-def _used_codes(shards: Iterable[Path]) -> pl.DataFrame:
-    """Every code, unit and categorical value the shards use, once."""
-    frame = pl.scan_parquet(list(shards)).select(mc.CODE, mc.UNIT, mc.VALUE_CODE)
+def used_codes(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Every code, unit and categorical value the rows use, once, sorted (column ``code``).
+
+    >>> rows = pl.LazyFrame({"code": ["B", "A"], "unit": ["U", None], "value_code": ["A", None]})
+    >>> used_codes(rows).collect()["code"].to_list()
+    ['A', 'B', 'U']
+    """
+    frame = rows.select(mc.CODE, mc.UNIT, mc.VALUE_CODE)
     return (
         pl.concat(
             [
@@ -272,7 +288,6 @@ def _used_codes(shards: Iterable[Path]) -> pl.DataFrame:
         )
         .unique()
         .sort("code")
-        .collect()
     )
 
 
@@ -283,6 +298,4 @@ def _check_metadata(meds_dir: Path) -> None:
         meds.CodeMetadataSchema.validate(pq.read_table(meta / "codes.parquet"))
         meds.SubjectSplitSchema.validate(pq.read_table(meta / "subject_splits.parquet"))
     except Exception as exc:  # flexible_schema raises its own error types
-        raise EhrgptError(
-            f"The MEDS metadata in {meta} breaks the MEDS 0.4 schema: {exc}"
-        ) from None
+        raise SinkError(f"The MEDS metadata in {meta} breaks the MEDS 0.4 schema: {exc}") from None

@@ -35,6 +35,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_OMOP_TABLES",
     "PostgresTarget",
+    "connect",
     "export_omop_tables",
     "load_omop_duckdb_into_postgres",
     "parse_postgres_url",
@@ -228,6 +229,10 @@ def _connect(target: PostgresTarget, *, autocommit: bool = False) -> Iterator[An
         yield conn
     finally:
         conn.close()
+
+
+#: Public name of :func:`_connect`, for writers (the OMOP sink) that open their own connection.
+connect = _connect
 
 
 def _resolve_schema(cur: Any, target: PostgresTarget) -> str:

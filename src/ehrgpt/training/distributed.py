@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
 
     @property
@@ -84,10 +84,11 @@ def init(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev, backend)
 
 
-def shutdown(info: DistInfo) -> None:
-    """Leave the process group (a no-op when alone)."""
+def shutdown(info: DistInfo, *, wait: bool = True) -> None:
+    """Leave the process group (a no-op when alone); ``wait=False`` after an error."""
     if info.enabled and tdist.is_initialized():
-        tdist.barrier()
+        if wait:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

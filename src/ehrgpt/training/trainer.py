@@ -95,13 +95,31 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Rows as long as the context: attention over a packed row costs O(row^2) (one dense
     # block-diagonal mask), so on CPU 4 rows of 512 train ~5x faster than 1 row of 2048.
-    "tiny": {"tokens_per_row": 512, "rows_per_batch": 4, "lr": 2e-3, "epochs": 4,
-             "eval_every": 50, "checkpoint_every": 50},
+    "tiny": {
+        "tokens_per_row": 512,
+        "rows_per_batch": 4,
+        "lr": 2e-3,
+        "epochs": 4,
+        "eval_every": 50,
+        "checkpoint_every": 50,
+    },
     # 16,384 tokens per batch as in the authors' recipe, in rows of the context length.
-    "small": {"tokens_per_row": 2048, "rows_per_batch": 8, "lr": 5e-4, "epochs": 10,
-              "eval_every": 200, "checkpoint_every": 200},
-    "base": {"tokens_per_row": 4096, "rows_per_batch": 4, "lr": 2e-4, "epochs": 10,
-             "eval_every": 500, "checkpoint_every": 500},
+    "small": {
+        "tokens_per_row": 2048,
+        "rows_per_batch": 8,
+        "lr": 5e-4,
+        "epochs": 10,
+        "eval_every": 200,
+        "checkpoint_every": 200,
+    },
+    "base": {
+        "tokens_per_row": 4096,
+        "rows_per_batch": 4,
+        "lr": 2e-4,
+        "epochs": 10,
+        "eval_every": 500,
+        "checkpoint_every": 500,
+    },
 }
 
 #: Settings that fix the data stream: a resumed run must use the same values.
@@ -269,7 +287,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw, cfg, fused=cuda)
         self.state = init_state or TrainState(seed=seed, world_size=dist.world_size)
         self.per_step = cfg.grad_accum * dist.world_size
-        first = self._plan(self.state.epoch)
+        self._sum_keys: list[str] | None = None
+        first = self._plan(0)  # epoch 0 fixes steps per epoch and the unigram baseline
         self.steps_per_epoch = len(first) // self.per_step
         if self.steps_per_epoch < 1:
             raise EhrgptError(
@@ -290,6 +309,7 @@ class Trainer:
         self._val = self._val_batches()
         self.unigram_ppl = self._unigram(first)
         self.state.data = {
+            **self.state.data,
             "train_records": len(train_records),
             "train_records_dropped_short": train_records.dropped_short,
             "train_tokens": train_records.n_tokens,
@@ -315,7 +335,10 @@ class Trainer:
 
     def _tensors(self, rows: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
         arrays = collate_batch(rows, self.make_targets)
-        return {k: torch.from_numpy(v).to(self.dist.device, non_blocking=True) for k, v in arrays.items()}
+        return {
+            k: torch.from_numpy(v).to(self.dist.device, non_blocking=True)
+            for k, v in arrays.items()
+        }
 
     def _val_batches(self) -> list[dict[str, torch.Tensor]]:
         plan = EpochPlan(
@@ -354,33 +377,46 @@ class Trainer:
     def _train_step(self, plan: EpochPlan, batch_ids: list[int]) -> tuple[dict, int]:
         self.model.train()
         sums: dict[str, float] = {}
-        n_tokens = 0
         for a, b in enumerate(batch_ids):
             batch = self._tensors(plan.samples(b))
             last = a == len(batch_ids) - 1
             sync = (
-                self.model.no_sync()
-                if self.dist.enabled and not last
-                else contextlib.nullcontext()
+                self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
             )
             with sync:
                 with self._autocast():
                     out = self.model(**batch)
                 (out.loss / len(batch_ids)).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) / len(batch_ids)
-            for key, value in (out.losses or {}).items():
-                sums[key] = sums.get(key, 0.0) + float(value) / len(batch_ids)
-            n_tokens += int((batch["segment_ids"] > 0).sum())
+            _accumulate(sums, out, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        packed = torch.tensor([sums[k] for k in keys] + [float(n_tokens)], dtype=torch.float64)
-        packed = D.all_reduce_sum(packed.to(self.dist.device), self.dist).cpu()
-        losses = {k: float(packed[i]) / self.dist.world_size for i, k in enumerate(keys)}
+        losses, n_tokens = self._reduce(sums)
         losses["grad_norm"] = float(grad_norm)
-        return losses, int(packed[-1])
+        return losses, n_tokens
+
+    def _reduce(self, sums: dict[str, float]) -> tuple[dict[str, float], int]:
+        """Sums over ranks -> each term's mean over the positions where it had targets.
+
+        ``loss`` is the mean of the batches' totals (what was optimised); a term without any
+        target (no value tokens in the data, say) is left out rather than logged as 0.
+        """
+        if self._sum_keys is None:  # the same on every rank: the model's terms never change
+            self._sum_keys = D.broadcast_object(sorted(sums), self.dist)
+        keys = self._sum_keys
+        packed = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        packed = D.all_reduce_sum(packed.to(self.dist.device), self.dist).cpu()
+        total = dict(zip(keys, packed.tolist(), strict=True))
+        losses = {
+            k: total[k] / total[f"_n:{k}"]
+            for k in keys
+            if not k.startswith("_") and total[f"_n:{k}"] > 0
+        }
+        parts = [losses[p] for p in ("time_year", "time_month", "time_day") if p in losses]
+        if "time_decomposition" in losses:  # a sum of three means, not a mean of its own
+            losses["time_decomposition"] = sum(parts)
+        return losses, int(total.get("_tokens", 0))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -390,23 +426,10 @@ class Trainer:
         for batch in self._val:
             with self._autocast():
                 out = self.raw(**batch)
-            n_all = float((batch["labels"] != IGNORE_INDEX).sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss) * n_all
-            sums["_n:loss"] = sums.get("_n:loss", 0.0) + n_all
-            for key, value in (out.losses or {}).items():
-                n = float((out.n_targets or {}).get(key, n_all))
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-                sums[f"_n:{key}"] = sums.get(f"_n:{key}", 0.0) + n
-        keys = D.broadcast_object(sorted(sums), self.dist)
-        packed = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-        packed = D.all_reduce_sum(packed.to(self.dist.device), self.dist).cpu()
-        total = dict(zip(keys, packed.tolist(), strict=True))
-        losses = {
-            k: total[k] / max(total[f"_n:{k}"], 1.0) for k in keys if not k.startswith("_n:")
-        }
-        if "time_decomposition" in losses:  # a sum of three means, not a mean of its own
-            parts = ("time_year", "time_month", "time_day")
-            losses["time_decomposition"] = sum(losses.get(p, 0.0) for p in parts)
+            _accumulate(sums, out, batch)
+        if not sums:  # this rank had no validation batch
+            sums = dict.fromkeys(self._sum_keys or [], 0.0)
+        losses, _ = self._reduce(sums)
         # The total as the model defines it, from the exact per-term means.
         c = self.raw.config
         weights = {
@@ -440,6 +463,7 @@ class Trainer:
                         raise EhrgptError("An epoch has fewer batches than one step needs.")
                 t0 = time.perf_counter()
                 mine = D.rank_batches(st.next_batch, cfg.grad_accum, self.dist)
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 losses, n_tokens = self._train_step(plan, mine)
                 if cfg.debug_step_sleep:
                     time.sleep(cfg.debug_step_sleep)
@@ -451,7 +475,7 @@ class Trainer:
                     "loss": losses.pop("loss"),
                     "grad_norm": losses.pop("grad_norm"),
                     "losses": losses,
-                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "lr": lr,
                     "tokens": n_tokens,
                     "tokens_per_s": n_tokens / max(seconds, 1e-9),
                     "step_s": seconds,
@@ -526,7 +550,10 @@ class Trainer:
             tmp.mkdir(parents=True)
             _save_pretrained(self.raw, tmp)
             torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
                 tmp / "optimizer.pt",
             )
             torch.save(rng, tmp / "rng.pt")
@@ -558,13 +585,15 @@ class Trainer:
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         # The lr schedule follows the plan of this run (its total may have changed).
-        self.scheduler.lr_lambdas[0] = lr_lambda(
-            self.state.planned_steps, self.cfg.warmup_ratio, self.cfg.schedule, self.cfg.min_lr_ratio
+        schedule = lr_lambda(
+            self.state.planned_steps,
+            self.cfg.warmup_ratio,
+            self.cfg.schedule,
+            self.cfg.min_lr_ratio,
         )
-        for group, lr in zip(
-            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
-        ):
-            group["lr"] = lr
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(self.scheduler.last_epoch)
         states = torch.load(folder / "rng.pt", weights_only=False)
         if len(states) == self.dist.world_size:
             _set_rng_state(states[self.dist.rank])
@@ -573,6 +602,19 @@ class Trainer:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _accumulate(sums: dict[str, float], out, batch: dict[str, torch.Tensor]) -> None:
+    """Add a batch's loss terms, weighted by their target counts, to running sums."""
+    sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
+    sums["_n:loss"] = sums.get("_n:loss", 0.0) + 1.0
+    counts = out.n_targets or {}
+    n_labels = float((batch["labels"] != IGNORE_INDEX).sum())
+    for key, value in (out.losses or {}).items():
+        n = float(counts.get(key, n_labels))
+        sums[key] = sums.get(key, 0.0) + float(value) * n
+        sums[f"_n:{key}"] = sums.get(f"_n:{key}", 0.0) + n
+    sums["_tokens"] = sums.get("_tokens", 0.0) + float((batch["segment_ids"] > 0).sum())
 
 
 def list_checkpoints(out: Path) -> list[Path]:
