@@ -247,6 +247,7 @@ def test_train_writes_a_loadable_model_folder(
         "README.md",
         "metrics.jsonl",
         "train_config.json",
+        "demographics.parquet",
     ):
         assert (out / name).exists(), name
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [

@@ -7,6 +7,7 @@ underscores); options given on the command line win.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -167,6 +168,140 @@ def demo_cmd(out: Path, seed: int, no_progress: bool) -> None:
     _run_prepare(
         source="eunomia", out=out / "prepared", seed=seed, overwrite=True, progress=not no_progress
     )
+
+
+def _generate_table(result) -> Table:
+    table = Table(title="generate: summary", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("patients asked for", f"{result.requested:,}"),
+        ("patients written", f"{result.written:,}"),
+        ("rejected (by reason)", ", ".join(f"{k} {v}" for k, v in result.rejected.items()) or "0"),
+        ("generated tokens", f"{result.new_tokens:,}"),
+        ("tokens per second", f"{result.tokens_per_second:,.0f}"),
+        ("patients per minute", f"{result.patients_per_minute:,.0f}"),
+        ("MEDS", str(result.out / "meds")),
+    ]
+    if result.omop:
+        rows.append(("OMOP CDM", result.omop))
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
+
+
+@main.command("generate")
+@config_option
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A model folder (ehrgpt train output).",
+)
+@click.option("--n", type=int, required=True, help="How many patients to generate.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (OUT/meds, and OUT/omop* for OMOP formats).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="meds",
+    show_default=True,
+    help="meds, omop-duckdb, omop-parquet, omop-csv, or a postgresql:// URL "
+    "(?schema=...). MEDS is always written too.",
+)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Token budget per patient (the grammar ends every patient within it).",
+)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--prompts-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared run whose training demographics seed the prompts "
+    "(default: saved with the model, or its training data).",
+)
+@click.option("--year", type=int, default=None, help="Calendar year of the first visit.")
+@click.option("--age", default=None, help="Age at the first visit: 65 or a range 60-70.")
+@click.option("--gender", default=None, help="F, M, or a GENDER/<concept_id> code.")
+@click.option("--no-grammar", is_flag=True, help="Sample without the timeline grammar.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace --out.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def generate_cmd(
+    model_dir: Path,
+    n: int,
+    out: Path,
+    fmt: str,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    prompts_from: Path | None,
+    year: int | None,
+    age: str | None,
+    gender: str | None,
+    no_grammar: bool,
+    resume: bool,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """Generate synthetic patients and write them as MEDS and OMOP CDM tables."""
+    from ehrgpt.generation.engine import SamplingConfig
+    from ehrgpt.generation.pipeline import generate
+
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        grammar=not no_grammar,
+    )
+    try:
+        sampling.check()
+    except ValueError as exc:
+        raise EhrgptError(f"sampling options: {exc}.") from None
+    result = generate(
+        model_dir,
+        n,
+        out,
+        fmt=fmt,
+        sampling=sampling,
+        seed=seed,
+        batch_size=batch_size,
+        prompts_from=prompts_from,
+        year=year,
+        age=age,
+        gender=gender,
+        resume=resume,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
+    if int(os.environ.get("RANK", 0)) == 0:
+        console.print(_generate_table(result))
+
+
+def _register_train() -> None:
+    from ehrgpt.train_cli import train_cmd
+
+    main.add_command(train_cmd)
+
+
+_register_train()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,8 @@ The model folder it writes::
     MODEL_DIR/config.json, model.safetensors     the best model so far (lowest validation loss)
     MODEL_DIR/vocab.json, tokenizer_config.json, value_bins.json, code_counts.json
     MODEL_DIR/README.md                          model card: data, size, training, results
+    MODEL_DIR/demographics.parquet               the training split's demographic prompts with
+                                                 counts (what ``ehrgpt generate`` draws from)
     MODEL_DIR/metrics.jsonl                      one line per step (each loss term, lr, tokens/s,
                                                  validation loss and perplexity when evaluated)
     MODEL_DIR/train_config.json                  the resolved settings
@@ -54,7 +56,7 @@ from ehrgpt.training.trainer import (
 TRAIN_CONFIG = "train_config.json"
 CARD = "README.md"
 #: Files that mark a folder as an ehrgpt model folder (safe to replace with --overwrite).
-_OURS = (TRAIN_CONFIG, METRICS, CHECKPOINTS, "model.safetensors")
+_OURS = (TRAIN_CONFIG, METRICS, CHECKPOINTS, "model.safetensors", "demographics.parquet")
 #: Dense bf16 peak FLOP/s of common GPUs, for the model FLOPs utilisation (MFU).
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -240,6 +242,15 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             os.replace(tmp, dst / f.name)
 
 
+def _save_demographics(data: Path, out: Path, tok) -> None:
+    """The training split's demographic prompts with counts, for ``ehrgpt generate``."""
+    from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
+
+    tmp = out / f".{DEMOGRAPHICS_FILE}.tmp"
+    demographics(data, tok).write_parquet(tmp)
+    os.replace(tmp, out / DEMOGRAPHICS_FILE)
+
+
 def _save_best(model, out: Path, tokenizer_dir: Path, state: TrainState) -> None:
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -357,6 +368,7 @@ def train(
             (out / METRICS).unlink(missing_ok=True)
             (out / "data_log.jsonl").unlink(missing_ok=True)
         if dist.is_main:
+            _save_demographics(data, out, tok)
             tmp = out / f".{TRAIN_CONFIG}.tmp"
             tmp.write_text(json.dumps(resolved, indent=1, default=str))
             os.replace(tmp, out / TRAIN_CONFIG)

@@ -99,7 +99,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "tokens_per_row": 512,
         "rows_per_batch": 4,
         "lr": 2e-3,
-        "epochs": 4,
+        "epochs": 3,
         "eval_every": 50,
         "checkpoint_every": 50,
     },
@@ -236,7 +236,7 @@ def unigram_perplexity(train_counts: np.ndarray, eval_labels: np.ndarray) -> flo
     """Perplexity of a unigram model (add-one smoothing) fitted on ``train_counts``.
 
     >>> round(unigram_perplexity(np.array([3, 1]), np.array([0, 0, 1])), 3)
-    2.0
+    1.89
     """
     probs = (train_counts + 1.0) / (train_counts.sum() + len(train_counts))
     return float(np.exp(-np.log(probs[eval_labels]).mean()))

@@ -1,0 +1,322 @@
+"""The sampling engine: batched, key/value-cached, grammar-constrained, with slot refilling.
+
+A fixed number of *slots* (the batch) each hold one sequence. A slot's keys and values live in
+a preallocated :class:`SlotCache`; when a sequence finishes (``[END]``), its slot takes the
+next prompt at once (its prompt is run through the model, "prefill", while the other slots
+wait one step), so little compute goes to padding or to finished sequences.
+
+At each step the logits of every active slot are masked by the timeline grammar
+(:class:`~ehrgpt.generation.grammar.TimelineGrammar`): only tokens that keep the timeline valid
+can be sampled, and when a sequence's token budget is nearly spent the mask steers it to the
+shortest valid ending. Then temperature, top-k and top-p apply, and one token is drawn per slot
+from a seeded ``torch.Generator``.
+
+Prompts are token id lists: a demographic prompt (4 tokens) for a new patient, or a real
+patient's history (the conditional continuation zero-shot prediction uses; see
+:func:`history_prompt`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ehrgpt.generation.grammar import GrammarState, TimelineGrammar
+from ehrgpt.model import EhrGptForCausalLM
+from ehrgpt.tokenizer.vocab import END, PAD, EhrTokenizer
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn (the documented reference run: temperature 1, top-p 1)."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    grammar: bool = True
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 = off)")
+
+
+@dataclass
+class Generated:
+    """One finished sequence: which prompt, all its tokens (prompt first), why it stopped."""
+
+    index: int
+    token_ids: list[int]
+    n_prompt: int
+    finish: str  # "end" ([END] sampled) or "budget" (max_new_tokens reached)
+
+
+@dataclass
+class EngineStats:
+    """Throughput figures of one :meth:`Engine.generate` run."""
+
+    sequences: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+class SlotCache:
+    """Keys and values of every slot: ``[layers, slots, kv_heads, max_len, head_dim]``.
+
+    Before each forward, :meth:`select` says which slots take part (``rows``), where their new
+    tokens go (``write_pos``) and how many cached positions attention reads (``span``). The
+    attention layers call :meth:`update` (the Hugging Face cache method) with the new keys and
+    values and get back the whole visible cache of those rows.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (n_layers, slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.max_len = slots, max_len
+        self.rows = torch.arange(slots, device=device)
+        self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
+        self.span = 0
+        self._all = True
+
+    def select(self, rows: torch.Tensor, write_pos: torch.Tensor, span: int) -> None:
+        self.rows, self.write_pos, self.span = rows, write_pos, span
+        self._all = len(rows) == self.slots and bool(
+            (rows == torch.arange(self.slots, device=rows.device)).all()
+        )
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        pos = self.write_pos[:, None] + torch.arange(t, device=k.device)
+        rows = self.rows[:, None]
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        kb[rows, :, pos] = k.transpose(1, 2).to(kb.dtype)
+        vb[rows, :, pos] = v.transpose(1, 2).to(vb.dtype)
+        if self._all:
+            return kb[:, :, : self.span], vb[:, :, : self.span]
+        return kb[self.rows, :, : self.span], vb[self.rows, :, : self.span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.span
+
+
+def _filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p on ``[R, V]`` float logits (refused tokens are -inf)."""
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the first token past top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One draw per row from ``probs`` [R, V] by inverting the cumulative sum.
+
+    One uniform number per row: on CPU about 20x faster than ``torch.multinomial``. The
+    first token whose cumulative probability exceeds the draw always has a probability above
+    zero, so masked tokens are never drawn.
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device)
+    u = u * cdf[:, -1:] * (1 - 1e-6)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+class Engine:
+    """Generates continuations of prompts with one model; see the module docstring."""
+
+    def __init__(
+        self,
+        model: EhrGptForCausalLM,
+        tok: EhrTokenizer,
+        *,
+        batch_size: int = 64,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tok = tok
+        self.batch_size = batch_size
+        self.grammar = TimelineGrammar(tok, device=self.device)
+        self.end_id, self.pad_id = tok.token_to_id[END], tok.token_to_id[PAD]
+        self.stats = EngineStats()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig | None = None,
+        *,
+        seed: int = 0,
+        on_step=None,
+    ) -> Iterator[Generated]:
+        """Yield each prompt's continuation as soon as it finishes (not in prompt order).
+
+        ``on_step(n_finished)`` is called after every step (for progress bars).
+        """
+        cfg = cfg or SamplingConfig()
+        cfg.check()
+        if not prompts:
+            return
+        started = time.perf_counter()
+        c = self.model.config
+        max_prompt = max(len(p) for p in prompts)
+        max_len = max_prompt + cfg.max_new_tokens
+        limit = getattr(c, "max_position_embeddings", None)
+        if limit and max_len > limit:
+            raise ValueError(
+                f"prompt ({max_prompt}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                f"model's context of {limit} tokens"
+            )
+        slots = min(self.batch_size, len(prompts))
+        dtype = next(self.model.parameters()).dtype
+        cache = SlotCache(
+            c.num_hidden_layers,
+            slots,
+            c.num_key_value_heads,
+            c.head_dim,
+            max_len,
+            dtype=dtype,
+            device=self.device,
+        )
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        g = self.grammar
+        dev = self.device
+
+        queue = deque(enumerate(prompts))
+        index = [-1] * slots  # prompt index per slot (-1 = free)
+        tokens: list[list[int]] = [[] for _ in range(slots)]
+        n_prompt = [0] * slots
+        pos = torch.zeros(slots, dtype=torch.long, device=dev)  # tokens in the cache
+        last = torch.full((slots,), self.pad_id, dtype=torch.long, device=dev)
+        new = torch.zeros(slots, dtype=torch.long, device=dev)  # tokens generated
+        gstate = torch.zeros(slots, dtype=torch.long, device=dev)
+        glen = torch.zeros(slots, dtype=torch.long, device=dev)
+        finished = 0
+
+        def sample(rows: torch.Tensor, logits: torch.Tensor) -> list[Generated]:
+            nonlocal finished
+            state = GrammarState(gstate[rows], glen[rows])
+            logits = logits.float()
+            if cfg.grammar:
+                remaining = cfg.max_new_tokens - new[rows]
+                logits = g.mask_logits(logits, state, remaining)
+            if cfg.temperature == 0:
+                choice = logits.argmax(dim=-1)
+            else:
+                probs = _filter_logits(logits, cfg).softmax(dim=-1)
+                choice = _draw(probs, gen)
+            if cfg.grammar:
+                nxt = g.advance(state, choice, check=False)
+                gstate[rows], glen[rows] = nxt.state, nxt.length
+            new[rows] += 1
+            last[rows] = choice
+            self.stats.new_tokens += len(rows)
+            done: list[Generated] = []
+            for r, t in zip(rows.tolist(), choice.tolist(), strict=True):
+                if t == self.end_id or int(new[r]) >= cfg.max_new_tokens:
+                    finish = "end" if t == self.end_id else "budget"
+                    if t != self.end_id:
+                        tokens[r].append(t)
+                    done.append(Generated(index[r], tokens[r], n_prompt[r], finish))
+                    index[r] = -1
+                    finished += 1
+                else:
+                    tokens[r].append(t)
+            return done
+
+        while queue or any(i >= 0 for i in index):
+            # Prefill: free slots take the next prompts.
+            free = [s for s in range(slots) if index[s] < 0]
+            if free and queue:
+                take = free[: len(queue)]
+                batch = [queue.popleft() for _ in take]
+                for s, (i, p) in zip(take, batch, strict=True):
+                    index[s], tokens[s], n_prompt[s] = i, list(p), len(p)
+                rows = torch.tensor(take, device=dev)
+                logits, ids = self._prefill(cache, rows, [p for _, p in batch])
+                if cfg.grammar:  # a prompt the grammar refuses raises GrammarError here
+                    st = g.start(len(batch), ids)
+                    gstate[rows], glen[rows] = st.state, st.length
+                lens = torch.tensor([len(p) for _, p in batch], device=dev)
+                pos[rows] = lens
+                new[rows] = 0
+                self.stats.prompt_tokens += int(lens.sum())
+                yield from sample(rows, logits)
+            active = [s for s in range(slots) if index[s] >= 0]
+            if not active:
+                continue
+            # One decode step for every active slot.
+            rows = torch.tensor(active, device=dev)
+            p = pos[rows]
+            span = int(p.max()) + 1
+            cache.select(rows, p, span)
+            mask = (torch.arange(span, device=dev)[None, :] <= p[:, None])[:, None, None, :]
+            logits = self._logits(last[rows, None], p[:, None], mask, cache)[:, -1]
+            pos[rows] += 1
+            self.stats.steps += 1
+            yield from sample(rows, logits)
+            if on_step is not None:
+                on_step(finished)
+        self.stats.sequences += len(prompts)
+        self.stats.seconds += time.perf_counter() - started
+
+    def _prefill(
+        self, cache: SlotCache, rows: torch.Tensor, prompts: list[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run new prompts through the model into their slots.
+
+        Returns the logits at each prompt's last token and the padded prompt ids.
+        """
+        dev = self.device
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        width = int(lens.max())
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=dev)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        positions = torch.arange(width, device=dev).expand(len(prompts), width)
+        keys = positions < lens[:, None]
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        mask = (causal[None] & keys[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)
+        cache.select(rows, torch.zeros(len(prompts), dtype=torch.long, device=dev), width)
+        hidden = self.model.model(ids, positions, None, mask[:, None], cache=cache)
+        last = hidden.last_hidden_state[torch.arange(len(prompts), device=dev), lens - 1]
+        return self.model.lm_head(last), ids
+
+    def _logits(self, ids, positions, mask, cache) -> torch.Tensor:
+        """Next-token logits only (the time and value heads are not needed to sample)."""
+        hidden = self.model.model(ids, positions, None, mask, cache=cache).last_hidden_state
+        return self.model.lm_head(hidden)

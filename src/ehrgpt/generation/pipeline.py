@@ -1,0 +1,270 @@
+"""``ehrgpt generate``: synthetic patients from a trained model, written as MEDS and OMOP CDM.
+
+Patients are generated in chunks: each chunk's prompts go through the
+:class:`~ehrgpt.generation.engine.Engine`, each sequence is decoded
+(:func:`~ehrgpt.tokenizer.decode.decode_ids`; a random day of the prompt's year starts the
+timeline), and the MEDS rows are appended to ``OUT/meds`` by a streaming
+:class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many patients are asked
+for. Sequences that do not decode are counted by reason and not written.
+
+Synthetic subject ids are ``id_offset + i`` for patient ``i`` (default offset 10**12), above any
+real id; the run refuses an offset at or below the largest id of the training data.
+
+Under ``torchrun --nproc_per_node=N`` each process takes the patients ``i`` with
+``i % N == rank`` into ``OUT/.parts/rank-<r>``; rank 0 then merges the parts into ``OUT/meds``
+and writes the OMOP CDM tables (``--format``). ``--resume`` keeps what an interrupted run
+finished (complete shards only) and generates the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from ehrgpt.errors import EhrgptError, OutputExistsError
+from ehrgpt.generation.engine import Engine, SamplingConfig
+from ehrgpt.generation.prompts import (
+    load_demographics,
+    parse_age,
+    population_prompts,
+    user_prompts,
+)
+from ehrgpt.progress import track
+from ehrgpt.sinks.meds import MedsWriter
+from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
+from ehrgpt.tokenizer.vocab import EhrTokenizer
+
+FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
+SYNTHETIC_ID_OFFSET = 10**12
+PARTS = ".parts"
+
+
+@dataclass
+class GenerateResult:
+    """What a generation run made."""
+
+    out: Path
+    requested: int
+    written: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    new_tokens: int = 0
+    seconds: float = 0.0
+    omop: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+    @property
+    def patients_per_minute(self) -> float:
+        return 60 * self.written / max(self.seconds, 1e-9)
+
+
+def load_model(model_dir: Path, device: str | None = None):
+    """The model and tokenizer of a model folder (``ehrgpt train`` output)."""
+    from transformers import AutoModelForCausalLM
+
+    import ehrgpt.model  # noqa: F401  (registers the Auto classes)
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise EhrgptError(f"{model_dir} holds no model (config.json); train one with ehrgpt train.")
+    tok = EhrTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if model.config.vocab_size < len(tok):
+        raise EhrgptError(
+            f"{model_dir}: the tokenizer has {len(tok)} tokens but the model only "
+            f"{model.config.vocab_size}; they do not belong together."
+        )
+    return model, tok
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _data_dir(model_dir: Path, prompts_from: Path | None) -> Path | None:
+    if prompts_from is not None:
+        return Path(prompts_from)
+    cfg = Path(model_dir) / "train_config.json"
+    if cfg.exists():
+        data = json.loads(cfg.read_text()).get("data")
+        if data and Path(data).exists():
+            return Path(data)
+    return None
+
+
+def generate(
+    model_dir: Path,
+    n: int,
+    out: Path,
+    *,
+    fmt: str = "meds",
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    chunk_size: int = 1_000,
+    prompts_from: Path | None = None,
+    year: int | None = None,
+    age: str | None = None,
+    gender: str | None = None,
+    id_offset: int = SYNTHETIC_ID_OFFSET,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> GenerateResult:
+    """Generate ``n`` synthetic patients into ``out`` (see the module docstring)."""
+    started = time.perf_counter()
+    if fmt not in FORMATS and not fmt.startswith(("postgresql://", "postgres://")):
+        raise EhrgptError(f"--format must be one of {', '.join(FORMATS)} or a postgresql:// URL.")
+    if n < 1:
+        raise EhrgptError("--n must be at least 1.")
+    out = Path(out)
+    rank, world = _rank_world()
+    if id_offset <= 0:
+        raise EhrgptError("--id-offset must be positive (synthetic ids above every real id).")
+    if rank == 0 and out.exists() and not (resume or overwrite):
+        raise OutputExistsError(
+            f"The output folder {out} already exists; pass --resume to finish it, --overwrite to "
+            "replace it, or choose another --out."
+        )
+    if rank == 0 and overwrite and out.exists() and not resume:
+        shutil.rmtree(out)
+    sampling = sampling or SamplingConfig()
+    model, tok = load_model(model_dir, device)
+    table = load_demographics(model_dir, _data_dir(model_dir, prompts_from), tok)
+    if year is None and age is None and gender is None:
+        prompts = population_prompts(table, n, tok, seed)
+    else:
+        prompts = user_prompts(table, n, tok, seed, year=year, age=parse_age(age), gender=gender)
+
+    codes = _codes(model_dir, _data_dir(model_dir, prompts_from), tok)
+    part = out / PARTS / f"rank-{rank}"
+    writer = MedsWriter(part, codes=codes, dataset_name="ehrgpt-synthetic")
+    done = {s - id_offset for s in writer.completed_subjects()}
+    mine = [i for i in range(rank, n, world) if i not in done]
+    engine = Engine(model, tok, batch_size=batch_size, device=device)
+    rejected: Counter = Counter()
+    chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
+    for chunk in track(
+        chunks,
+        len(chunks),
+        "Generating",
+        unit="patients",
+        weight=[len(c) for c in chunks],
+        enabled=progress and rank == 0,
+    ):
+        frames = []
+        results = engine.generate(
+            [prompts[i] for i in chunk], sampling, seed=seed * 1_000_003 + chunk[0]
+        )
+        for res in results:
+            i = chunk[res.index]
+            rng = np.random.default_rng([seed, i])
+            try:
+                timeline = decode_ids(res.token_ids, tok, rng=rng)
+            except DecodeError as exc:
+                rejected[exc.reason] += 1
+                continue
+            except (OverflowError, ValueError):  # dates beyond the calendar
+                rejected["date out of range"] += 1
+                continue
+            frames.append(timeline_to_meds(timeline, tok, id_offset + i))
+        if frames:
+            writer.write(pl.concat(frames))
+        writer.flush()
+    writer.close()
+    _write_json(
+        part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
+    )
+    if world > 1:
+        torch.distributed.barrier()
+    result = GenerateResult(out, n, 0, new_tokens=engine.stats.new_tokens)
+    if rank == 0:
+        result = _finish(out, world, codes, fmt, id_offset, result, progress)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _codes(model_dir: Path, data_dir: Path | None, tok: EhrTokenizer) -> pl.DataFrame:
+    """Code metadata for the synthetic MEDS and OMOP output (concept ids, domains)."""
+    for folder in (Path(model_dir), *([data_dir / "meds" / "metadata"] if data_dir else [])):
+        path = folder / "codes.parquet"
+        if path.exists():
+            return pl.read_parquet(path)
+    return pl.DataFrame({"code": [t for t in tok.tokens]})
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _finish(
+    out: Path,
+    world: int,
+    codes: pl.DataFrame,
+    fmt: str,
+    id_offset: int,
+    result: GenerateResult,
+    progress: bool,
+) -> GenerateResult:
+    """Merge the ranks' MEDS parts into OUT/meds; write the OMOP tables if asked."""
+    final = out / "meds"
+    shutil.rmtree(final, ignore_errors=True)
+    writer = MedsWriter(final, codes=codes, dataset_name="ehrgpt-synthetic")
+    rejected: Counter = Counter()
+    new_tokens = 0
+    parts = [out / PARTS / f"rank-{r}" for r in range(world)]
+    shards = [s for p in parts for s in sorted((p / "data").rglob("*.parquet"))]
+    for shard in track(shards, len(shards), "Merging", unit="shards", enabled=progress):
+        writer.write(pl.read_parquet(shard))
+    summary = writer.close()
+    for p in parts:
+        stats = json.loads((p / "stats.json").read_text())
+        rejected.update(stats["rejected"])
+        new_tokens += stats["new_tokens"]
+    result.written = summary.n_subjects
+    result.rejected = dict(rejected)
+    result.new_tokens = max(result.new_tokens, new_tokens)
+    if fmt != "meds":
+        result.omop = _write_omop(final, codes, fmt, out, progress)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    _write_json(out / "generate_summary.json", asdict(result) | {"out": str(out)})
+    return result
+
+
+def _write_omop(meds_dir: Path, codes: pl.DataFrame, fmt: str, out: Path, progress: bool) -> str:
+    """Write the synthetic MEDS as OMOP CDM tables; persons already there are skipped.
+
+    Person ids are the MEDS subject ids (above every real id); visit and event ids continue
+    after the largest id already in the target.
+    """
+    from ehrgpt.sinks.omop import OmopWriter
+
+    if fmt.startswith(("postgresql://", "postgres://")):
+        target, kind = fmt, "postgresql"
+    else:
+        kind = fmt.removeprefix("omop-")
+        target = str(out / ("omop.duckdb" if kind == "duckdb" else "omop"))
+    shards = sorted((meds_dir / "data").rglob("*.parquet"))
+    with OmopWriter(target, fmt=kind, codes=codes, id_offset=0) as writer:
+        done = writer.completed_subjects()
+        for shard in track(shards, len(shards), "OMOP", unit="shards", enabled=progress):
+            rows = pl.read_parquet(shard)
+            if done:
+                rows = rows.filter(~pl.col("subject_id").is_in(list(done)))
+            if rows.height:
+                writer.write(rows)
+    return target
