@@ -13,7 +13,7 @@ from ehrgpt import __version__
 from ehrgpt.cli import main
 from tests.conftest_runs import leftovers, read_json
 
-SUBCOMMANDS = ("prepare", "demo")
+SUBCOMMANDS = ("prepare", "train", "generate", "demo")
 
 
 def test_every_subcommand_is_covered() -> None:

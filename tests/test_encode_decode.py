@@ -379,3 +379,23 @@ def test_invalid_sequences_are_rejected_with_a_reason(tokens: list[str], reason:
     with pytest.raises(DecodeError) as info:
         decode_tokens(tokens, TOKENIZERS["day"], first_day=0)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("birth", "first", "age"),
+    [
+        (dt.datetime(1916, 1, 3), dt.datetime(1920, 9, 16), 4),  # month*100+day overflowed Int8
+        (dt.datetime(1950, 6, 15), dt.datetime(2000, 6, 14), 49),
+        (dt.datetime(1950, 6, 15), dt.datetime(2000, 6, 15), 50),
+        (dt.datetime(1952, 12, 31), dt.datetime(2000, 1, 1), 47),
+    ],
+)
+def test_age_is_whole_years_at_the_first_visit(birth, first, age) -> None:
+    tok = TOKENIZERS["day"]
+    rows = [
+        (1, birth, mc.BIRTH_CODE, None, None, None, None, None),
+        (1, first, "VISIT/9202", None, 1, first, None, None),
+        (1, first, "SNOMED/1", None, 1, None, None, None),
+    ]
+    encoded, _ = encode_shard(_frame(rows), tok)
+    assert tok.tokens[encoded["input_ids"][0][1]] == f"age:{age}"

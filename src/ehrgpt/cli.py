@@ -199,7 +199,9 @@ def _generate_table(result) -> Table:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A model folder (ehrgpt train output).",
 )
-@click.option("--n", type=int, required=True, help="How many patients to generate.")
+@click.option(
+    "--n", "--num-patients", "n", type=int, required=True, help="How many patients to generate."
+)
 @click.option(
     "--out",
     required=True,
@@ -225,6 +227,13 @@ def _generate_table(result) -> Table:
     help="Token budget per patient (the grammar ends every patient within it).",
 )
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Patients per written chunk (what --resume keeps after an interruption).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--prompts-from",
@@ -250,6 +259,7 @@ def generate_cmd(
     top_p: float,
     max_new_tokens: int,
     batch_size: int,
+    chunk_size: int,
     seed: int,
     prompts_from: Path | None,
     year: int | None,
@@ -283,6 +293,7 @@ def generate_cmd(
         sampling=sampling,
         seed=seed,
         batch_size=batch_size,
+        chunk_size=chunk_size,
         prompts_from=prompts_from,
         year=year,
         age=age,

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from ehrgpt.errors import EhrgptError, OutputExistsError
 from ehrgpt.generation.engine import Engine, SamplingConfig
@@ -42,6 +41,7 @@ from ehrgpt.progress import track
 from ehrgpt.sinks.meds import MedsWriter
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
 from ehrgpt.tokenizer.vocab import EhrTokenizer
+from ehrgpt.training import distributed as dist
 
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
 SYNTHETIC_ID_OFFSET = 10**12
@@ -69,7 +69,7 @@ class GenerateResult:
         return 60 * self.written / max(self.seconds, 1e-9)
 
 
-def load_model(model_dir: Path, device: str | None = None):
+def load_model(model_dir: Path):
     """The model and tokenizer of a model folder (``ehrgpt train`` output)."""
     from transformers import AutoModelForCausalLM
 
@@ -86,10 +86,6 @@ def load_model(model_dir: Path, device: str | None = None):
             f"{model.config.vocab_size}; they do not belong together."
         )
     return model, tok
-
-
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _data_dir(model_dir: Path, prompts_from: Path | None) -> Path | None:
@@ -130,18 +126,68 @@ def generate(
     if n < 1:
         raise EhrgptError("--n must be at least 1.")
     out = Path(out)
-    rank, world = _rank_world()
     if id_offset <= 0:
         raise EhrgptError("--id-offset must be positive (synthetic ids above every real id).")
-    if rank == 0 and out.exists() and not (resume or overwrite):
+    if out.exists() and not (resume or overwrite):
         raise OutputExistsError(
             f"The output folder {out} already exists; pass --resume to finish it, --overwrite to "
             "replace it, or choose another --out."
         )
+    info = dist.init(device or "auto")
+    try:
+        result = _generate(
+            model_dir,
+            n,
+            out,
+            info,
+            fmt=fmt,
+            sampling=sampling or SamplingConfig(),
+            seed=seed,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            prompts_from=prompts_from,
+            year=year,
+            age=age,
+            gender=gender,
+            id_offset=id_offset,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            started=started,
+        )
+    except BaseException:
+        dist.shutdown(info, wait=False)
+        raise
+    dist.shutdown(info)
+    return result
+
+
+def _generate(
+    model_dir,
+    n,
+    out,
+    info,
+    *,
+    fmt,
+    sampling,
+    seed,
+    batch_size,
+    chunk_size,
+    prompts_from,
+    year,
+    age,
+    gender,
+    id_offset,
+    resume,
+    overwrite,
+    progress,
+    started,
+) -> GenerateResult:
+    rank, world = info.rank, info.world_size
     if rank == 0 and overwrite and out.exists() and not resume:
         shutil.rmtree(out)
-    sampling = sampling or SamplingConfig()
-    model, tok = load_model(model_dir, device)
+    dist.barrier(info)
+    model, tok = load_model(model_dir)
     table = load_demographics(model_dir, _data_dir(model_dir, prompts_from), tok)
     if year is None and age is None and gender is None:
         prompts = population_prompts(table, n, tok, seed)
@@ -153,7 +199,7 @@ def generate(
     writer = MedsWriter(part, codes=codes, dataset_name="ehrgpt-synthetic")
     done = {s - id_offset for s in writer.completed_subjects()}
     mine = [i for i in range(rank, n, world) if i not in done]
-    engine = Engine(model, tok, batch_size=batch_size, device=device)
+    engine = Engine(model, tok, batch_size=batch_size, device=info.device)
     rejected: Counter = Counter()
     chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
     for chunk in track(
@@ -187,8 +233,7 @@ def generate(
     _write_json(
         part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
     )
-    if world > 1:
-        torch.distributed.barrier()
+    dist.barrier(info)
     result = GenerateResult(out, n, 0, new_tokens=engine.stats.new_tokens)
     if rank == 0:
         result = _finish(out, world, codes, fmt, id_offset, result, progress)

@@ -411,12 +411,14 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     stats.subjects_without_birth = int(persons["birth"].is_null().sum())
     first = pl.from_epoch(pl.col("first_day").cast(pl.Int64), time_unit="d")
     birth = pl.col("birth").dt.date()
+    # (month, day) as one Int32 number: polars gives month and day as Int8, which overflows.
+    def month_day(date: pl.Expr) -> pl.Expr:
+        return date.dt.month().cast(pl.Int32) * 100 + date.dt.day().cast(pl.Int32)
+
     age = (
-        first.dt.year()
-        - birth.dt.year()
-        - (
-            (first.dt.month() * 100 + first.dt.day()) < (birth.dt.month() * 100 + birth.dt.day())
-        ).cast(pl.Int32)
+        first.dt.year().cast(pl.Int32)
+        - birth.dt.year().cast(pl.Int32)
+        - (month_day(first) < month_day(birth)).cast(pl.Int32)
     )
     year_id = (first.dt.year().clip(*YEAR_RANGE) - YEAR_RANGE[0] + tok.year_base).cast(I32)
     age_id = (
