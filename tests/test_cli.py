@@ -51,17 +51,25 @@ def test_installed_entry_point_help() -> None:
 
 def test_demo_runs_and_prints_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--no-progress"])
+    # The whole chain, short: prepare, 4 training steps, 6 synthetic patients.
+    result = CliRunner().invoke(
+        main, ["demo", "--out", str(out), "--steps", "4", "--patients", "6", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output + (result.stderr or "")
     text = result.stdout
     for title in ("Data quality: Eunomia GiBleed", "Visits", "Patients", "Tokens"):
         assert title in text
-    assert "prepare: summary" in text
+    for title in ("prepare: summary", "train: summary", "generate: summary"):
+        assert title in text
     assert "2,694" in text  # the patients
     run = out / "prepared"
     assert (run / "data_quality.json").exists()
     assert read_json(run / "config.json")["source"] == "eunomia"
     assert leftovers(run) == ["prepared"]
+    assert (out / "model" / "model.safetensors").exists()
+    assert (out / "synthetic" / "omop.duckdb").exists()
+    written = read_json(out / "synthetic" / "generate_summary.json")["written"]
+    assert written == 6
 
 
 def _write_config(path: Path, **values) -> Path:

@@ -158,16 +158,59 @@ def prepare_cmd(no_progress: bool, **kwargs) -> None:
     default=Path("runs/demo"),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Demo run folder.",
+    help="Demo run folder (replaced on each run).",
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=300,
+    show_default=True,
+    help="Training steps of the tiny model (300 = about one epoch of Eunomia).",
+)
+@click.option(
+    "--patients", type=int, default=200, show_default=True, help="Synthetic patients to generate."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo_cmd(out: Path, seed: int, no_progress: bool) -> None:
-    """Run the whole chain on the bundled Eunomia data (today: prepare)."""
-    console.rule("ehrgpt demo: prepare Eunomia GiBleed (2,694 patients)")
+def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool) -> None:
+    """The whole chain on the bundled Eunomia data: prepare, train, generate.
+
+    RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/synthetic
+    (synthetic patients as MEDS and as an OMOP CDM DuckDB file).
+    """
+    from ehrgpt.generation.engine import SamplingConfig
+    from ehrgpt.generation.pipeline import generate
+    from ehrgpt.train import train
+    from ehrgpt.train_cli import summary_table
+
+    progress = not no_progress
+    console.rule("ehrgpt demo 1/3: prepare Eunomia GiBleed (2,694 patients)")
     _run_prepare(
-        source="eunomia", out=out / "prepared", seed=seed, overwrite=True, progress=not no_progress
+        source="eunomia", out=out / "prepared", seed=seed, overwrite=True, progress=progress
     )
+    console.rule(f"ehrgpt demo 2/3: pretrain the tiny model ({steps} steps)")
+    result = train(
+        out / "prepared",
+        out / "model",
+        preset="tiny",
+        max_steps=steps,
+        seed=seed,
+        resume=False,
+        progress=progress,
+    )
+    console.print(summary_table(result))
+    console.rule(f"ehrgpt demo 3/3: generate {patients} synthetic patients (MEDS + OMOP)")
+    generated = generate(
+        out / "model",
+        patients,
+        out / "synthetic",
+        fmt="omop-duckdb",
+        sampling=SamplingConfig(max_new_tokens=508),
+        seed=seed,
+        overwrite=True,
+        progress=progress,
+    )
+    console.print(_generate_table(generated))
 
 
 def _generate_table(result) -> Table:

@@ -95,8 +95,9 @@ class Steps:
         if self._current is not None:
             name, since = self._current
             self.timings[name] = now - since
-            logging.getLogger("ehrgpt.timing").debug("%s: %s %.2f s", self.description, name,
-                                                     now - since)
+            logging.getLogger("ehrgpt.timing").debug(
+                "%s: %s %.2f s", self.description, name, now - since
+            )
         self._current = (step, now) if step else None
 
     def close(self) -> None:

@@ -19,11 +19,12 @@ finished (complete shards only) and generates the rest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
 
+log = logging.getLogger(__name__)
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
 SYNTHETIC_ID_OFFSET = 10**12
 PARTS = ".parts"
@@ -72,9 +74,11 @@ class GenerateResult:
 def load_model(model_dir: Path):
     """The model and tokenizer of a model folder (``ehrgpt train`` output)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     import ehrgpt.model  # noqa: F401  (registers the Auto classes)
 
+    hf_logging.disable_progress_bar()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise EhrgptError(f"{model_dir} holds no model (config.json); train one with ehrgpt train.")
@@ -188,6 +192,16 @@ def _generate(
         shutil.rmtree(out)
     dist.barrier(info)
     model, tok = load_model(model_dir)
+    context = model.config.max_position_embeddings
+    if sampling.max_new_tokens > context - 4:
+        log.warning(
+            "--max-new-tokens %d does not fit the model's context of %d tokens after a "
+            "4-token prompt; using %d.",
+            sampling.max_new_tokens,
+            context,
+            context - 4,
+        )
+        sampling = replace(sampling, max_new_tokens=context - 4)
     table = load_demographics(model_dir, _data_dir(model_dir, prompts_from), tok)
     if year is None and age is None and gender is None:
         prompts = population_prompts(table, n, tok, seed)

@@ -411,6 +411,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     stats.subjects_without_birth = int(persons["birth"].is_null().sum())
     first = pl.from_epoch(pl.col("first_day").cast(pl.Int64), time_unit="d")
     birth = pl.col("birth").dt.date()
+
     # (month, day) as one Int32 number: polars gives month and day as Int8, which overflows.
     def month_day(date: pl.Expr) -> pl.Expr:
         return date.dt.month().cast(pl.Int32) * 100 + date.dt.day().cast(pl.Int32)
