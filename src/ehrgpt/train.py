@@ -7,6 +7,8 @@ The model folder it writes::
     MODEL_DIR/README.md                          model card: data, size, training, results
     MODEL_DIR/demographics.parquet               the training split's demographic prompts with
                                                  counts (what ``ehrgpt generate`` draws from)
+    MODEL_DIR/codes.parquet                      the run's code metadata (OMOP concept ids and
+                                                 domains, for ``generate``'s OMOP output)
     MODEL_DIR/metrics.jsonl                      one line per step (each loss term, lr, tokens/s,
                                                  validation loss and perplexity when evaluated)
     MODEL_DIR/train_config.json                  the resolved settings
@@ -56,7 +58,14 @@ from ehrgpt.training.trainer import (
 TRAIN_CONFIG = "train_config.json"
 CARD = "README.md"
 #: Files that mark a folder as an ehrgpt model folder (safe to replace with --overwrite).
-_OURS = (TRAIN_CONFIG, METRICS, CHECKPOINTS, "model.safetensors", "demographics.parquet")
+_OURS = (
+    TRAIN_CONFIG,
+    METRICS,
+    CHECKPOINTS,
+    "model.safetensors",
+    "demographics.parquet",
+    "codes.parquet",
+)
 #: Dense bf16 peak FLOP/s of common GPUs, for the model FLOPs utilisation (MFU).
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -243,12 +252,17 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _save_demographics(data: Path, out: Path, tok) -> None:
-    """The training split's demographic prompts with counts, for ``ehrgpt generate``."""
+    """What ``ehrgpt generate`` needs from the data: the training split's demographic prompts
+    with counts, and the code metadata (OMOP concept ids and domains, for the OMOP output)."""
     from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
 
     tmp = out / f".{DEMOGRAPHICS_FILE}.tmp"
     demographics(data, tok).write_parquet(tmp)
     os.replace(tmp, out / DEMOGRAPHICS_FILE)
+    codes = data / "meds" / "metadata" / "codes.parquet"
+    if codes.exists():
+        shutil.copyfile(codes, out / ".codes.parquet.tmp")
+        os.replace(out / ".codes.parquet.tmp", out / "codes.parquet")
 
 
 def _save_best(model, out: Path, tokenizer_dir: Path, state: TrainState) -> None:

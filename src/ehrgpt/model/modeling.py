@@ -164,7 +164,6 @@ class EhrGptAttention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.dropout = config.dropout
         width = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
@@ -196,7 +195,10 @@ class EhrGptAttention(nn.Module):
             k,
             v,
             attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            # No dropout on attention weights (as Llama / Qwen2): with it, torch leaves the
+            # fused kernels for a path that builds the whole matrix and a random mask
+            # (about a quarter of a CPU training step); dropout stays on the residual stream.
+            dropout_p=0.0,
             is_causal=mask is None and k.shape[2] == t,
             enable_gqa=self.n_kv != self.n_head,
         )
