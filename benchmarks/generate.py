@@ -154,7 +154,7 @@ def main() -> None:
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.n} patients, batch "
         f"{args.batch}, up to {args.max_new_tokens} new tokens each"
     )
-    print(print_table([list(r.values()) for r in rows], list(rows[0].keys())))
+    print_table([list(r.values()) for r in rows], list(rows[0].keys()))
     print(
         f"ratio ehrgpt / HF: {speedup:.2f}x tokens/s, {patients_speedup:.2f}x patients/min "
         f"(target 3x); ehrgpt valid patients {rows[1]['valid_share']:.1%} (target 99.5%)"
@@ -187,7 +187,7 @@ def main() -> None:
             {"patients": n, "seconds": round(wall, 1), "peak_rss_mib": rss >> 20, "rc": rc}
         )
     if memory:
-        print(print_table([list(m.values()) for m in memory], list(memory[0].keys())))
+        print_table([list(m.values()) for m in memory], list(memory[0].keys()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(

@@ -87,6 +87,13 @@ def write_parquet_atomic(table: pa.Table | pl.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def write_metadata(
     meds_dir: Path,
     *,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -28,7 +27,7 @@ import polars as pl
 
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError, OutputExistsError
-from ehrgpt.meds_dataset import write_parquet_atomic
+from ehrgpt.meds_dataset import write_json_atomic, write_parquet_atomic
 from ehrgpt.progress import track
 from ehrgpt.quality import QualityReport
 from ehrgpt.tokenizer.encode import MIN_PRETRAIN_TOKENS, EncodeStats, encode_shard
@@ -64,12 +63,6 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[pkg] = importlib.metadata.version(pkg)
     return out
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def prepare(
@@ -134,7 +127,7 @@ def prepare(
             memory_limit=memory_limit,
             progress=progress,
         )
-        _write_json(
+        write_json_atomic(
             tmp / "config.json",
             {
                 "command": "prepare",
@@ -149,7 +142,7 @@ def prepare(
                 "memory_limit": memory_limit,
             },
         )
-        _write_json(tmp / "versions.json", _versions())
+        write_json_atomic(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -262,7 +255,7 @@ def _prepare_into(
         "visits moved after an overlapping one": stats.visits_moved_after_previous,
     }
     quality.write(run / "data_quality.json")
-    _write_json(
+    write_json_atomic(
         run / TOKENIZED / "stats.json",
         {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}},
     )

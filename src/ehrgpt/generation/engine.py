@@ -106,10 +106,10 @@ class SlotCache:
         self._all = True
 
     def select(self, rows: torch.Tensor, write_pos: torch.Tensor, span: int) -> None:
+        """Rows of this forward (all slots, or the slots being prefilled), write positions,
+        visible length."""
         self.rows, self.write_pos, self.span = rows, write_pos, span
-        self._all = len(rows) == self.slots and bool(
-            (rows == torch.arange(self.slots, device=rows.device)).all()
-        )
+        self._all = len(rows) == self.slots
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, layer_idx: int
@@ -226,6 +226,7 @@ class Engine:
         gstate = torch.zeros(slots, dtype=torch.long, device=dev)
         glen = torch.zeros(slots, dtype=torch.long, device=dev)
         finished = 0
+        all_rows = torch.arange(slots, device=dev)
 
         def sample(rows: torch.Tensor, logits: torch.Tensor) -> list[Generated]:
             nonlocal finished
@@ -279,16 +280,17 @@ class Engine:
             active = [s for s in range(slots) if index[s] >= 0]
             if not active:
                 continue
-            # One decode step for every active slot.
+            # One decode step. All slots run (a free slot repeats a harmless step at its last
+            # position): taking a subset would copy the cache of every layer at every step.
             rows = torch.tensor(active, device=dev)
-            p = pos[rows]
+            p = pos.clamp(max=max_len - 1)
             span = int(p.max()) + 1
-            cache.select(rows, p, span)
+            cache.select(all_rows, p, span)
             mask = (torch.arange(span, device=dev)[None, :] <= p[:, None])[:, None, None, :]
-            logits = self._logits(last[rows, None], p[:, None], mask, cache)[:, -1]
+            logits = self._logits(last[:, None], p[:, None], mask, cache)[:, -1]
             pos[rows] += 1
             self.stats.steps += 1
-            yield from sample(rows, logits)
+            yield from sample(rows, logits[rows] if len(active) < slots else logits)
             if on_step is not None:
                 on_step(finished)
         self.stats.sequences += len(prompts)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from ehrgpt.generation.prompts import (
     population_prompts,
     user_prompts,
 )
+from ehrgpt.meds_dataset import write_json_atomic
 from ehrgpt.progress import track
 from ehrgpt.sinks.meds import MedsWriter
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
@@ -244,7 +244,7 @@ def _generate(
             writer.write(pl.concat(frames))
         writer.flush()
     writer.close()
-    _write_json(
+    write_json_atomic(
         part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
     )
     dist.barrier(info)
@@ -262,12 +262,6 @@ def _codes(model_dir: Path, data_dir: Path | None, tok: EhrTokenizer) -> pl.Data
         if path.exists():
             return pl.read_parquet(path)
     return pl.DataFrame({"code": [t for t in tok.tokens]})
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _finish(
@@ -300,7 +294,7 @@ def _finish(
     if fmt != "meds":
         result.omop = _write_omop(final, codes, fmt, out, progress)
     shutil.rmtree(out / PARTS, ignore_errors=True)
-    _write_json(out / "generate_summary.json", asdict(result) | {"out": str(out)})
+    write_json_atomic(out / "generate_summary.json", asdict(result) | {"out": str(out)})
     return result
 
 

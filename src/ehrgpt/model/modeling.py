@@ -320,18 +320,16 @@ class EhrGptModel(EhrGptPreTrainedModel):
             mask, position_ids = _cached_mask_and_positions(
                 input_ids, past, position_ids, attention_mask
             )
-            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-            x = self.embed_dropout(self.embed_tokens(input_ids))
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask, cache=cache)
-            return BaseModelOutput(last_hidden_state=self.norm(x))
-        if segment_ids is None:
-            segment_ids = (
-                attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
-            )
-        if position_ids is None:
-            position_ids = positions_from_segments(segment_ids)
-        mask = block_causal_mask(segment_ids)
+        else:
+            if segment_ids is None:
+                segment_ids = (
+                    attention_mask.long()
+                    if attention_mask is not None
+                    else torch.ones_like(input_ids)
+                )
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
+            mask = block_causal_mask(segment_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_dropout(self.embed_tokens(input_ids))
         for layer in self.layers:
