@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.prepare import prepare
 from ehrgpt.quality import QualityReport
 from ehrgpt.sources.meds import import_meds

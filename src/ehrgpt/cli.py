@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -19,6 +18,7 @@ from rich.table import Table
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError
 from ehrgpt.tokenizer.time_tokens import SCHEMES
+from ehrgpt.util.config import read_config
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -26,13 +26,10 @@ err_console = Console(stderr=True)
 
 def _load_config(ctx: click.Context, _param, value: str | None):
     if value:
-        path = Path(value)
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise click.BadParameter(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise click.BadParameter(f"config file {path} is not valid TOML: {exc}") from None
+            data = read_config(Path(value))
+        except EhrgptError as exc:
+            raise click.BadParameter(str(exc)) from None
         ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 

@@ -27,13 +27,13 @@ import polars as pl
 
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError, OutputExistsError
-from ehrgpt.meds_dataset import write_json_atomic, write_parquet_atomic
-from ehrgpt.progress import track
 from ehrgpt.quality import QualityReport
 from ehrgpt.tokenizer.encode import MIN_PRETRAIN_TOKENS, EncodeStats, encode_shard
 from ehrgpt.tokenizer.fit import fit_tokenizer
 from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
+from ehrgpt.util import atomic
+from ehrgpt.util.progress import track
 
 TOKENIZED = "tokenized"
 
@@ -127,7 +127,7 @@ def prepare(
             memory_limit=memory_limit,
             progress=progress,
         )
-        write_json_atomic(
+        atomic.write_json(
             tmp / "config.json",
             {
                 "command": "prepare",
@@ -142,7 +142,7 @@ def prepare(
                 "memory_limit": memory_limit,
             },
         )
-        write_json_atomic(tmp / "versions.json", _versions())
+        atomic.write_json(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -235,7 +235,7 @@ def _prepare_into(
     ):
         frame = pl.read_parquet(path)
         encoded, shard_stats = encode_shard(frame, tokenizer)
-        write_parquet_atomic(encoded, run / TOKENIZED / path.parent.name / path.name)
+        atomic.write_parquet(run / TOKENIZED / path.parent.name / path.name, encoded)
         stats.merge(shard_stats)
         per_split.setdefault(path.parent.name, EncodeStats()).merge(shard_stats)
     quality.tokens = {
@@ -255,7 +255,7 @@ def _prepare_into(
         "visits moved after an overlapping one": stats.visits_moved_after_previous,
     }
     quality.write(run / "data_quality.json")
-    write_json_atomic(
+    atomic.write_json(
         run / TOKENIZED / "stats.json",
         {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}},
     )

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,8 @@ from ehrgpt.training.trainer import (
     restore_logs,
     train_fields,
 )
+from ehrgpt.util.config import read_config
+from ehrgpt.util.seeding import seed_everything
 
 TRAIN_CONFIG = "train_config.json"
 CARD = "README.md"
@@ -130,24 +131,6 @@ def _split_settings(values: dict[str, Any], where: str) -> tuple[dict, dict]:
                 f"{', '.join(sorted(train_fields()))}."
             )
     return model, train
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML file of settings: top-level keys, or ``[model]`` and ``[train]`` tables."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EhrgptError(f"The config file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise EhrgptError(f"The config file {path} is not valid TOML: {exc}.") from None
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("model", "train") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
 
 
 def _is_ours(folder: Path) -> bool:
@@ -317,7 +300,7 @@ def train(
     from ehrgpt.training.targets import make_targets
 
     data, out = Path(data).resolve(), Path(out).resolve()
-    settings = read_config_file(config_file) if config_file else {}
+    settings = read_config(config_file) if config_file else {}
     preset = preset or settings.get("preset", "tiny")
     seed = int(settings.get("seed", 0) if seed is None else seed)
     max_steps = settings.get("max_steps") if max_steps is None else max_steps
@@ -388,14 +371,14 @@ def train(
             os.replace(tmp, out / TRAIN_CONFIG)
         D.barrier(dist)
 
-        _seed_everything(seed)
+        seed_everything(seed)
         added = 0
         if latest is None and init_from is not None:
             model = EhrGptForCausalLM.from_pretrained(init_from)
             added = grow_vocabulary(model, len(tok))
         else:
             model = EhrGptForCausalLM(config)
-        _seed_everything(seed + 1_000_003 * dist.rank)
+        seed_everything(seed + 1_000_003 * dist.rank)
 
         train_records = load_records(data, "train")
         val_records = load_records(data, "tuning")
@@ -461,16 +444,6 @@ def train(
     except BaseException:
         D.shutdown(dist, wait=False)
         raise
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _fmt(x: float, digits: int = 3) -> str:

@@ -37,12 +37,12 @@ from ehrgpt.generation.prompts import (
     population_prompts,
     user_prompts,
 )
-from ehrgpt.meds_dataset import write_json_atomic
-from ehrgpt.progress import track
 from ehrgpt.sinks.meds import MedsWriter
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
+from ehrgpt.util import atomic
+from ehrgpt.util.progress import track
 
 log = logging.getLogger(__name__)
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
@@ -244,7 +244,7 @@ def _generate(
             writer.write(pl.concat(frames))
         writer.flush()
     writer.close()
-    write_json_atomic(
+    atomic.write_json(
         part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
     )
     dist.barrier(info)
@@ -294,7 +294,7 @@ def _finish(
     if fmt != "meds":
         result.omop = _write_omop(final, codes, fmt, out, progress)
     shutil.rmtree(out / PARTS, ignore_errors=True)
-    write_json_atomic(out / "generate_summary.json", asdict(result) | {"out": str(out)})
+    atomic.write_json(out / "generate_summary.json", asdict(result) | {"out": str(out)})
     return result
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.omop_concepts import domain_table, lookup_concept
 from ehrgpt.sinks.omop_rows import KIND_DISCHARGE, KIND_EVENT, with_ids
 from ehrgpt.sinks.omop_schema import EVENT_SPECS, EVENT_TABLES, EventSpec

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.omop_concepts import lookup_concept
 from ehrgpt.sinks.omop_rows import KIND_ATTR, KIND_BIRTH, KIND_DEATH, KIND_DISCHARGE, with_ids
 from ehrgpt.sinks.omop_schema import EVENT_SPECS, EVENT_TABLES

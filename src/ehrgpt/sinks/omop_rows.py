@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import SinkError
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.meds import as_event_frame, used_codes
 from ehrgpt.sinks.omop_concepts import code_concepts
 

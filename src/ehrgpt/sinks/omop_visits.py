@@ -11,7 +11,7 @@ from collections import Counter
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.omop_concepts import lookup_concept
 from ehrgpt.sinks.omop_rows import KIND_DISCHARGE, KIND_EVENT, KIND_VISIT, with_ids
 

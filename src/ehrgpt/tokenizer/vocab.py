@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ehrgpt import __version__
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import EhrgptError
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.values import N_BINS, ValueBins, bins_from_json, bins_to_json
 
