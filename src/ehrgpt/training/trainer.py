@@ -93,37 +93,6 @@ class TrainConfig:
                 raise EhrgptError(f"{name} must be at least 1, not {getattr(self, name)}.")
 
 
-#: Training settings per model preset (CPU-sized for tiny; the authors' recipe for base).
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # Rows as long as the context: attention over a packed row costs O(row^2) (one dense
-    # block-diagonal mask), so on CPU 4 rows of 512 train ~5x faster than 1 row of 2048.
-    "tiny": {
-        "tokens_per_row": 512,
-        "rows_per_batch": 4,
-        "lr": 2e-3,
-        "epochs": 3,
-        "eval_every": 50,
-        "checkpoint_every": 50,
-    },
-    # 16,384 tokens per batch as in the authors' recipe, in rows of the context length.
-    "small": {
-        "tokens_per_row": 2048,
-        "rows_per_batch": 8,
-        "lr": 5e-4,
-        "epochs": 10,
-        "eval_every": 200,
-        "checkpoint_every": 200,
-    },
-    "base": {
-        "tokens_per_row": 4096,
-        "rows_per_batch": 4,
-        "lr": 2e-4,
-        "epochs": 10,
-        "eval_every": 500,
-        "checkpoint_every": 500,
-    },
-}
-
 #: Settings that fix the data stream: a resumed run must use the same values.
 DATA_KEYS = ("tokens_per_row", "rows_per_batch", "grad_accum", "window_prob")
 

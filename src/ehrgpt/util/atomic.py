@@ -131,3 +131,20 @@ def remove_stale_tmp(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
             tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
+
+
+def replace_folder(built: Path, target: Path) -> None:
+    """Move the finished folder ``built`` to ``target``, replacing an old ``target`` only now.
+
+    The old folder is first renamed aside (``.NAME.old-PID``), so at every moment either the
+    old or the new folder is at ``target``.
+    """
+    built, target = Path(built), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(built, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(built, target)
+    fsync_dir(target.parent)

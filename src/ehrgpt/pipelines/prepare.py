@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import platform
 import shutil
 import time
@@ -50,6 +49,20 @@ class PrepareResult:
     vocab_size: int
     seconds: float
     quality: QualityReport
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(what, value) pairs for the summary table."""
+        rate = self.n_source_rows / max(self.seconds, 1e-9)
+        return [
+            ("run folder", str(self.run_dir)),
+            ("clinical rows read", f"{self.n_source_rows:,}"),
+            ("MEDS rows written", f"{self.n_rows:,}"),
+            ("subjects", f"{self.n_subjects:,}"),
+            ("tokens", f"{self.n_tokens:,}"),
+            ("vocabulary", f"{self.vocab_size:,}"),
+            ("seconds", f"{self.seconds:.1f}"),
+            ("clinical rows per second", f"{rate:,.0f}"),
+        ]
 
 
 def is_meds_folder(path: Path) -> bool:
@@ -110,7 +123,7 @@ def prepare(
         )
     created_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = atomic.tmp_name(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -144,13 +157,7 @@ def prepare(
         )
         atomic.write_json(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        atomic.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_parent:

@@ -14,7 +14,7 @@ import polars as pl
 
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.meds import column_or_null
-from ehrgpt.sinks.omop_schema import conform
+from ehrgpt.sinks.omop.schema import conform
 
 __all__ = [
     "code_concepts",

@@ -70,6 +70,22 @@ class GenerateResult:
     def patients_per_minute(self) -> float:
         return 60 * self.written / max(self.seconds, 1e-9)
 
+    def rows(self) -> list[tuple[str, str]]:
+        """(what, value) pairs for the summary table."""
+        rejected = ", ".join(f"{k} {v}" for k, v in self.rejected.items()) or "0"
+        rows = [
+            ("patients asked for", f"{self.requested:,}"),
+            ("patients written", f"{self.written:,}"),
+            ("rejected (by reason)", rejected),
+            ("generated tokens", f"{self.new_tokens:,}"),
+            ("tokens per second", f"{self.tokens_per_second:,.0f}"),
+            ("patients per minute", f"{self.patients_per_minute:,.0f}"),
+            ("MEDS", str(self.out / "meds")),
+        ]
+        if self.omop:
+            rows.append(("OMOP CDM", self.omop))
+        return rows
+
 
 def load_model(model_dir: Path):
     """The model and tokenizer of a model folder (``ehrgpt train`` output)."""
