@@ -104,6 +104,30 @@ def export_eunomia(folder: Path, fmt: str, tables=OMOP_TABLES, *, upper: bool = 
     return folder
 
 
+def eunomia_sample(path: Path, n_persons: int = 100, statements: tuple[str, ...] = ()) -> Path:
+    """A DuckDB file with Eunomia's tables cut to its first ``n_persons`` persons.
+
+    Tables without a ``PERSON_ID`` column (concept, the malformed death and device_exposure)
+    are copied whole; then ``statements`` (SQL, on Eunomia's upper-case column names) run on
+    the copy. The connection works in UTC.
+    """
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("SET TimeZone='UTC'")
+        con.execute(f"ATTACH '{eunomia_path().as_posix()}' AS src (READ_ONLY)")
+        keep = f'SELECT "PERSON_ID" FROM src.main.person ORDER BY 1 LIMIT {int(n_persons)}'
+        for table in OMOP_TABLES:
+            cols = {r[0] for r in con.execute(f"DESCRIBE src.main.{table}").fetchall()}
+            where = f' WHERE "PERSON_ID" IN ({keep})' if "PERSON_ID" in cols else ""
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM src.main.{table}{where}")
+        con.execute("DETACH src")
+        for statement in statements:
+            con.execute(statement)
+    finally:
+        con.close()
+    return path
+
+
 def write_tiny_meds(folder: Path, n_subjects: int = 12) -> Path:
     """A small MEDS 0.4 folder without visit_id, written by polars (large_string codes).
 
