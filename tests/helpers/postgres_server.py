@@ -184,6 +184,22 @@ class TemporaryPostgres:
                     ) from exc
                 time.sleep(0.2)
 
+    def require_password(self, role: str) -> None:
+        """Make ``role`` log in with its password over TCP (scram-sha-256); others stay trusted.
+
+        The rule goes first in pg_hba.conf (the first matching line wins) and the server
+        reloads its configuration.
+        """
+        import psycopg
+
+        assert self.root is not None, "start the server first"
+        hba = self.root / "data" / "pg_hba.conf"
+        rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+        hba.write_text(rule + hba.read_text())  # the file keeps its owner
+        conninfo = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete its folder."""
         if self.root is None:
