@@ -21,8 +21,8 @@ from psycopg import sql
 
 import ehrgpt
 from ehrgpt.sources.postgres import load_omop_duckdb_into_postgres, parse_postgres_url
-from tests.conftest_runs import eunomia_sample, read_json
-from tests.postgres_server import TemporaryPostgres
+from tests.helpers.postgres_server import TemporaryPostgres
+from tests.helpers.runs import eunomia_sample, read_json
 
 pytestmark = pytest.mark.postgres
 

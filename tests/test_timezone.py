@@ -17,7 +17,7 @@ import polars as pl
 from polars.testing import assert_frame_equal
 
 import ehrgpt
-from tests.conftest_runs import eunomia_sample, meds_frame, tokens_frame
+from tests.helpers.runs import eunomia_sample, meds_frame, tokens_frame
 
 #: Written as TIMESTAMPTZ: visit starts and condition times at hours spread over the UTC day,
 #: so that a conversion to local time moves some of them to another day and not others.
@@ -33,7 +33,7 @@ _TABLES = ("person", "visit_occurrence", "condition_occurrence", "drug_exposure"
 
 _PREPARE = """
 import sys
-from ehrgpt.prepare import prepare
+from ehrgpt.pipelines.prepare import prepare
 for src, out in zip(sys.argv[1::2], sys.argv[2::2]):
     prepare(src, out, progress=False)
 """

@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL cluster for the tests (initdb + pg_ctl in a temporary folder).
 
-Used by the ``postgres_url`` fixture in ``tests/conftest_postgres.py``. The cluster listens on
+Used by the ``postgres_url`` fixture in ``tests/helpers/postgres.py``. The cluster listens on
 127.0.0.1 only, on a free port, trusts local connections (user ``postgres``, no password) and is
 removed when stopped. When running as root (CI containers), the server runs as the ``postgres``
 system user, because ``initdb`` refuses to run as root.
