@@ -3,8 +3,8 @@
 If ``EHRGPT_TEST_POSTGRES_URL`` is set, that server is used (and a test fails clearly if it
 cannot be reached). Otherwise a throwaway cluster is started with initdb + pg_ctl on a free
 localhost port (see ``tests/helpers/postgres_server.py``) and stopped at the end of the
-session. Missing PostgreSQL binaries fail the tests with a message naming the Debian package to install; they are
-never skipped silently.
+session. Missing PostgreSQL binaries fail the tests with a message naming the Debian package
+to install; they are never skipped silently.
 """
 
 from __future__ import annotations
