@@ -1,7 +1,11 @@
 """The training loop: packed batches, AdamW, warmup + cosine, validation, checkpoints, resume.
 
 One optimizer step uses ``grad_accum`` batches on each rank (``rows_per_batch`` packed rows of
-``tokens_per_row`` tokens each). The loop
+``tokens_per_row`` tokens each). Its loss is the model's own total over all of them: each term
+is summed over every target position of the step and divided by the step's count of its
+targets (counted before the forwards, added over ranks), so the gradient does not depend on
+how the step is split into micro-batches and ranks; the weights of the terms are the model
+config's, applied by the model (``total_loss``) only. The loop
 
 - clips gradients at ``grad_clip``, uses bf16 autocast on CUDA devices that support it (fp32
   otherwise), warms the learning rate up linearly over ``warmup_ratio`` of the planned steps,
