@@ -420,7 +420,7 @@ def _finish(
     if target is not None:
         try:
             _write_omop(final, codes, concepts, target, plan, progress)
-        except SinkError as exc:
+        except EhrgptError as exc:
             raise SinkError(
                 f"{exc} The synthetic MEDS is kept in {final}; run again with --resume to "
                 "retry the OMOP output."
