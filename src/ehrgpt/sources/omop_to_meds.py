@@ -417,8 +417,9 @@ def _write_concepts(con, codes: pl.DataFrame, path: Path) -> None:
     try:
         rows = con.sql(f"""
             SELECT concept_id, concept_name, domain_id, vocabulary_id, concept_class_id,
-                   standard_concept, concept_code, {date.format(c="valid_start_date")},
-                   {date.format(c="valid_end_date")}, invalid_reason
+                   nullif(trim(standard_concept), '') AS standard_concept, concept_code,
+                   {date.format(c="valid_start_date")}, {date.format(c="valid_end_date")},
+                   nullif(trim(invalid_reason), '') AS invalid_reason
             FROM omop_concept SEMI JOIN _code_ids ON concept_id = omop_concept_id
             QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY concept_code) = 1
             ORDER BY concept_id
