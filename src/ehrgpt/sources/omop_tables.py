@@ -112,6 +112,12 @@ CONCEPT_COLUMNS = (
     Column("domain_id", VARCHAR),
     Column("vocabulary_id", VARCHAR, required=True),
     Column("concept_code", VARCHAR, required=True),
+    # Kept only to copy the real rows into synthetic OMOP output (dates as text: any format).
+    Column("concept_class_id", VARCHAR),
+    Column("standard_concept", VARCHAR),
+    Column("valid_start_date", VARCHAR),
+    Column("valid_end_date", VARCHAR),
+    Column("invalid_reason", VARCHAR),
 )
 
 EVENT_TABLES = (

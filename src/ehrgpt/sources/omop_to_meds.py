@@ -32,6 +32,7 @@ import polars as pl
 
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.meds_format.dataset import (
+    OMOP_CONCEPTS_FILE,
     assign_splits,
     shard_assignment,
     write_metadata,
@@ -461,8 +462,30 @@ def omop_to_meds(
         splits=splits,
         extra_columns=mc.EXTRA_COLUMNS,
     )
+    _write_concepts(con, codes, meds_dir / "metadata" / OMOP_CONCEPTS_FILE)
     steps.close()
     return MedsResult(meds_dir, n_rows, int(n_kept), shards)
+
+
+def _write_concepts(con, codes: pl.DataFrame, path: Path) -> None:
+    """The source's concept rows of the codes' concepts, for synthetic OMOP output (none when
+    the source has no concept table)."""
+    con.register("_code_ids", codes.select(pl.col("omop_concept_id").drop_nulls().unique()))
+    date = "coalesce(try_cast({c} AS DATE), try_strptime({c}, '%Y%m%d')::DATE) AS {c}"
+    try:
+        rows = con.sql(f"""
+            SELECT concept_id, concept_name, domain_id, vocabulary_id, concept_class_id,
+                   nullif(trim(standard_concept), '') AS standard_concept, concept_code,
+                   {date.format(c="valid_start_date")}, {date.format(c="valid_end_date")},
+                   nullif(trim(invalid_reason), '') AS invalid_reason
+            FROM omop_concept SEMI JOIN _code_ids ON concept_id = omop_concept_id
+            QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY concept_code) = 1
+            ORDER BY concept_id
+        """).pl()
+    finally:
+        con.unregister("_code_ids")
+    if rows.height:
+        atomic.write_parquet(path, rows)
 
 
 def sort_partitions(parts: Path, data_dir: Path) -> tuple[list[Path], int]:

@@ -82,6 +82,12 @@ class FileBackend(Backend):
     def max_id(self) -> int:
         return int(self.state.get("next_id", -1)) - 1 if self.state["chunks"] else -1
 
+    def max_person_id(self) -> int:
+        return max(self.persons, default=-1)
+
+    def has_vocabulary(self) -> bool:
+        return bool(self.concepts)
+
     def person_ids(self, at_least: int) -> list[int]:
         return [p for p in self.persons if p >= at_least]
 
