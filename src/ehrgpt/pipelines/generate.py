@@ -56,6 +56,8 @@ from ehrgpt.util.progress import track
 log = logging.getLogger(__name__)
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
 PARTS = ".parts"
+#: Written by ``ehrgpt train`` into the model folder: the training data's largest ids.
+DATA_IDS_FILE = "data_ids.json"
 IDS_FILE = "ids.json"
 
 
@@ -228,7 +230,7 @@ def _generate(
         shutil.rmtree(out)
     dist.barrier(info)
     data_dir = _data_dir(model_dir, prompts_from)
-    plan = _id_plan(out, fmt, n, id_offset, data_dir) if rank == 0 else None
+    plan = _id_plan(out, fmt, n, id_offset, data_dir, model_dir) if rank == 0 else None
     plan = dist.broadcast_object(plan, info)
     id_offset = plan.id_offset
     model, tok = load_model(model_dir)
@@ -299,7 +301,7 @@ def _generate(
     return result
 
 
-def _training_max_ids(data_dir: Path | None) -> tuple[int, int] | None:
+def training_max_ids(data_dir: Path | None) -> tuple[int, int] | None:
     """(largest subject id, largest visit id) of a prepared run's MEDS data; None without it."""
     files = sorted((data_dir / "meds" / "data").rglob("*.parquet")) if data_dir else []
     if not files:
@@ -323,7 +325,14 @@ def _omop_target(fmt: str, out: Path) -> tuple[str, str] | None:
     return str(out / ("omop.duckdb" if kind == "duckdb" else "omop")), kind
 
 
-def _id_plan(out: Path, fmt: str, n: int, id_offset: int | None, data_dir: Path | None) -> IdPlan:
+def _id_plan(
+    out: Path,
+    fmt: str,
+    n: int,
+    id_offset: int | None,
+    data_dir: Path | None,
+    model_dir: Path,
+) -> IdPlan:
     """The run's ids (see the module docstring): reused from an interrupted run, else chosen
     above the training data and the OMOP target, and checked against the target's id columns
     before anything is generated."""
@@ -338,7 +347,12 @@ def _id_plan(out: Path, fmt: str, n: int, id_offset: int | None, data_dir: Path 
                 "offset (or without --id-offset), or start over with --overwrite."
             )
         return plan
-    training = _training_max_ids(data_dir)
+    saved = Path(model_dir) / DATA_IDS_FILE
+    if saved.exists():
+        ids = atomic.read_json(saved)
+        training = (int(ids["max_subject_id"]), int(ids["max_visit_id"]))
+    else:
+        training = training_max_ids(data_dir)
     if training is None:
         log.warning(
             "The training data of this model is not found, so synthetic ids cannot be placed "
