@@ -37,8 +37,8 @@ from ehrgpt.training.trainer import (
     Trainer,
     lr_lambda,
     make_optimizer,
-    read_jsonl,
 )
+from ehrgpt.util.atomic import read_jsonl
 
 CONTEXT = 128
 #: A tiny model and data stream for fast runs (settings of train(); also a TOML file).

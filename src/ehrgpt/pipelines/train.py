@@ -472,9 +472,8 @@ def write_model_card(
     mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a (no known peak for this device)"
     last_val = {}
     if (out / METRICS).exists():
-        from ehrgpt.training.trainer import read_jsonl
 
-        for r in read_jsonl(out / METRICS):
+        for r in atomic.read_jsonl(out / METRICS):
             if r.get("step") == result.best_step and "val_losses" in r:
                 last_val = r["val_losses"]
     samples = d.get("samples_epoch0", {})

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -46,6 +45,7 @@ from ehrgpt.model.modeling import LOSS_TERMS, TIME_PARTS, count_targets
 from ehrgpt.training import distributed as D
 from ehrgpt.training.data import Piece, Records, materialize, plan_counts, plan_epoch
 from ehrgpt.training.packing import IGNORE_INDEX, batch_rows, collate_batch, pack_rows
+from ehrgpt.util import atomic
 from ehrgpt.util.atomic import fsync_dir
 from ehrgpt.util.progress import Bar
 from ehrgpt.util.seeding import seed_everything
@@ -492,7 +492,7 @@ class Trainer:
                     st.done, st.stop_reason = True, "planned steps reached"
                 record["elapsed_s"] = st.train_seconds
                 if self.dist.is_main:
-                    _append_jsonl(self.out / METRICS, record)
+                    atomic.append_jsonl(self.out / METRICS, record)
                 if st.step % cfg.checkpoint_every == 0 or st.done:
                     self.save_checkpoint()
                 bar.update(
@@ -536,7 +536,7 @@ class Trainer:
         }
         every = D.gather_objects(entry, self.dist)
         if self.dist.is_main:
-            _append_jsonl(
+            atomic.append_jsonl(
                 self.out / DATA_LOG, {"step": st.step + 1, "epoch": st.epoch, "ranks": every}
             )
 
@@ -561,11 +561,9 @@ class Trainer:
             torch.save(rng, tmp / "rng.pt")
             if (self.out / METRICS).exists():
                 shutil.copyfile(self.out / METRICS, tmp / METRICS)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(st), indent=1, default=_json))
+            atomic.write_json(tmp / STATE_FILE, asdict(st))
             fsync_dir(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            atomic.replace_folder(tmp, folder)
             for old in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         D.barrier(self.dist)
@@ -635,40 +633,13 @@ def restore_logs(out: Path, checkpoint: Path, step: int) -> None:
     """Put back the metrics of ``checkpoint`` and cut the data log after ``step``."""
     saved = checkpoint / METRICS
     if saved.exists():
-        tmp = out / f".{METRICS}.tmp"
-        shutil.copyfile(saved, tmp)
-        os.replace(tmp, out / METRICS)
+        atomic.copy_file(saved, out / METRICS)
     else:
         (out / METRICS).unlink(missing_ok=True)
     log = out / DATA_LOG
     if log.exists():
-        kept = [r for r in read_jsonl(log) if r.get("step", 0) <= step]
-        tmp = out / f".{DATA_LOG}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, log)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file (a last line cut by a crash is skipped)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json) + "\n")
-        f.flush()
-
-
-def _json(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+        kept = [r for r in atomic.read_jsonl(log) if r.get("step", 0) <= step]
+        atomic.write_jsonl(log, kept)
 
 
 def _save_pretrained(model: torch.nn.Module, folder: Path) -> None:
