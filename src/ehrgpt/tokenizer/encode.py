@@ -212,53 +212,94 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     day of each token), ``n_tokens``, ``first_day`` (day of the first visit), ``birth_day``.
     """
     stats = EncodeStats()
+    frame = _with_extra_columns(frame)
+    persons = _persons(frame)
+    timed = _with_visit_key(frame.filter(pl.col("time").is_not_null()))
+    events = _clinical_events(timed)
+    stats.events_without_visit = events["visit_id"].null_count()
+    visits = _visits(timed, events, tok, stats)
+    events = _ordered_events(events, visits, tok, stats)
+    visits = _with_att(visits, "gap", tok).join(_last_event_days(events), on="g", how="left")
+    persons = _persons_with_visits(persons, visits, stats)
+    token_rows = [
+        *_event_tokens(events, tok),
+        *_visit_open_tokens(visits, tok),
+        *_visit_close_tokens(visits, tok),
+        *_prompt_tokens(persons, tok),
+        *_death_tokens(persons, tok),
+    ]
+    out = _assemble(token_rows, persons)
+    stats.tokens = int(out["n_tokens"].sum())
+    stats.short_records = int((out["n_tokens"] < MIN_PRETRAIN_TOKENS).sum())
+    return out, stats
+
+
+def _with_extra_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every extra MEDS column and ``numeric_value`` (null where absent)."""
     for col in mc.EXTRA_COLUMNS:
         if col not in frame.columns:
             dtype = {mc.VISIT_ID: pl.Int64, mc.END: pl.Datetime("us")}.get(col, pl.String)
             frame = frame.with_columns(pl.lit(None, dtype).alias(col))
     if "numeric_value" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float32).alias("numeric_value"))
-    code, time = pl.col("code"), pl.col("time")
+    return frame
 
-    static = frame.filter(time.is_null())
-    persons = (
-        frame.select("subject_id")
-        .unique()
-        .join(
-            static.filter(code.str.starts_with(mc.GENDER_PREFIX))
-            .group_by("subject_id")
-            .agg(code.first().alias("gender")),
-            on="subject_id",
-            how="left",
-        )
-        .join(
-            static.filter(code.str.starts_with(mc.RACE_PREFIX))
-            .group_by("subject_id")
-            .agg(code.first().alias("race")),
-            on="subject_id",
-            how="left",
-        )
-        .join(
-            frame.filter(code == mc.BIRTH_CODE)
-            .group_by("subject_id")
-            .agg(time.min().alias("birth")),
-            on="subject_id",
-            how="left",
-        )
-        .join(
-            frame.filter(code == mc.DEATH_CODE)
-            .group_by("subject_id")
-            .agg(time.min().alias("death")),
-            on="subject_id",
-            how="left",
-        )
+
+def _first_code(static: pl.DataFrame, prefix: str, name: str) -> pl.DataFrame:
+    """Per subject, the first static code with ``prefix`` as column ``name``."""
+    code = pl.col("code")
+    return (
+        static.filter(code.str.starts_with(prefix))
+        .group_by("subject_id")
+        .agg(code.first().alias(name))
     )
 
-    timed = _with_visit_key(frame.filter(time.is_not_null()))
-    is_visit = code.str.starts_with(mc.VISIT_PREFIX)
-    is_discharge = code.str.starts_with(mc.DISCHARGE_PREFIX)
+
+def _first_time(frame: pl.DataFrame, code: str, name: str) -> pl.DataFrame:
+    """Per subject, the earliest time of ``code`` as column ``name``."""
+    return (
+        frame.filter(pl.col("code") == code)
+        .group_by("subject_id")
+        .agg(pl.col("time").min().alias(name))
+    )
+
+
+def _persons(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per subject: ``gender``, ``race`` (static codes), ``birth``, ``death`` times."""
+    static = frame.filter(pl.col("time").is_null())
+    return (
+        frame.select("subject_id")
+        .unique()
+        .join(_first_code(static, mc.GENDER_PREFIX, "gender"), on="subject_id", how="left")
+        .join(_first_code(static, mc.RACE_PREFIX, "race"), on="subject_id", how="left")
+        .join(_first_time(frame, mc.BIRTH_CODE, "birth"), on="subject_id", how="left")
+        .join(_first_time(frame, mc.DEATH_CODE, "death"), on="subject_id", how="left")
+    )
+
+
+_IS_VISIT = pl.col("code").str.starts_with(mc.VISIT_PREFIX)
+_IS_DISCHARGE = pl.col("code").str.starts_with(mc.DISCHARGE_PREFIX)
+
+
+def _clinical_events(timed: pl.DataFrame) -> pl.DataFrame:
+    """Timed rows that are neither visits, discharges, birth nor death; ``d`` = their day."""
+    return timed.filter(
+        ~_IS_VISIT & ~_IS_DISCHARGE & ~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
+    ).with_columns(_days("time").alias("d"))
+
+
+def _visits(
+    timed: pl.DataFrame, events: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats
+) -> pl.DataFrame:
+    """One row per visit in token order: type, discharge, start / end days, gap before it.
+
+    Visits come from visit rows and from the events' visit keys (a visit without a row is of
+    unknown type). The cursor end is the running maximum of the raw ends (no overlap); a visit
+    starting before it is moved to it (``start2``).
+    """
+    code, time = pl.col("code"), pl.col("time")
     visit_rows = (
-        timed.filter(is_visit)
+        timed.filter(_IS_VISIT)
         .group_by("vkey")
         .agg(
             pl.col("subject_id").first(),
@@ -268,13 +309,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
             pl.col("end").max().alias("vend"),
         )
     )
-    discharges = timed.filter(is_discharge).group_by("vkey").agg(code.first().alias("discharge"))
-    events = timed.filter(
-        ~is_visit & ~is_discharge & ~code.is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
-    ).with_columns(_days("time").alias("d"))
-    stats.events_without_visit = events["visit_id"].null_count()
-
-    # Visits: type, start, raw end; cursor end = running max of raw ends (SPEC: no overlap).
+    discharges = timed.filter(_IS_DISCHARGE).group_by("vkey").agg(code.first().alias("discharge"))
     ev_span = events.group_by("vkey").agg(
         pl.col("subject_id").first(),
         pl.col("visit_id").first(),
@@ -318,8 +353,17 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     stats.visits_moved_after_previous = int(
         visits.select((pl.col("start_d") < pl.col("prev_end")).sum()).item() or 0
     )
+    return visits
 
-    # Events: clamp to visit start, order, day changes, ids.
+
+def _ordered_events(
+    events: pl.DataFrame, visits: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats
+) -> pl.DataFrame:
+    """Events clamped to their visit start, with token ids, in token order, with day changes.
+
+    Adds ``d2`` (the event's day after clamping), ``code_id``, ``bin_id``, ``vcode_id`` and
+    ``n`` (days since the previous event of the visit, or since the visit start).
+    """
     events = events.join(
         visits.select("vkey", "vord", "g", "start2"), on="vkey", how="inner"
     ).with_columns(
@@ -331,7 +375,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         ).alias("t2"),
     )
     events = assign_bins(events, tok.value_bins).with_columns(
-        _ids(code, tok).alias("code_id"),
+        _ids(pl.col("code"), tok).alias("code_id"),
         pl.when(pl.col("value_code").is_not_null())
         .then(_ids(pl.lit(VALUE_PREFIX) + pl.col("value_code"), tok))
         .alias("vcode_id"),
@@ -351,6 +395,12 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
             - pl.when(same_visit).then(pl.col("d2").shift(1)).otherwise(pl.col("start2"))
         ).alias("n")
     )
+    _count_values_and_oov(events, tok, stats)
+    return events
+
+
+def _count_values_and_oov(events: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats) -> None:
+    """Binned values, values without bins, and codes / categorical values outside the vocab."""
     stats.values_binned = int(events["bin"].is_not_null().sum())
     stats.values_without_bins = int(
         (events["numeric_value"].is_not_null() & events["bin"].is_null()).sum()
@@ -363,26 +413,49 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         {VALUE_PREFIX + k: v for k, v in oov_values["value_code"].value_counts().iter_rows()}
     )
     stats.oov_tokens = oov_rows.height + oov_values.height
-    token_rows: list[pl.DataFrame] = []
+
+
+def _last_event_days(events: pl.DataFrame) -> pl.DataFrame:
+    """Per visit (``g``), the day of its last event (``last_d``)."""
+    return events.group_by("g").agg(pl.col("d2").max().alias("last_d"))
+
+
+def _event_tokens(events: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per event: its day change (``i-D<n>``, repeated ``i-D1079``), code, bin, value code."""
     day_rest, _ = _day_ids(pl.col("n"), tok)
     ev = events.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("eord"), pl.col("d2").alias("day")
     )
-    for slot, id_expr in enumerate(
-        (day_rest, pl.col("code_id"), pl.col("bin_id"), pl.col("vcode_id")), start=1
-    ):
-        token_rows.append(_token_rows(ev, id_expr, _EVENTS, slot, pl.col("eord")))
-    token_rows.append(_repeat_rows(ev, pl.col("n"), _EVENTS, tok))
+    rows = [
+        _token_rows(ev, id_expr, _EVENTS, slot, pl.col("eord"))
+        for slot, id_expr in enumerate(
+            (day_rest, pl.col("code_id"), pl.col("bin_id"), pl.col("vcode_id")), start=1
+        )
+    ]
+    rows.append(_repeat_rows(ev, pl.col("n"), _EVENTS, tok))
+    return rows
 
-    # Visit open / close pieces.
-    last_event = events.group_by("g").agg(pl.col("d2").max().alias("last_d"))
-    visits = _with_att(visits, "gap", tok).join(last_event, on="g", how="left")
-    vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
+
+def _visit_open_tokens(visits: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per visit: the ATT before it (up to three tokens), ``[VS]`` and the visit type."""
+    vs = tok.token_to_id[VS]
     opened = visits.with_columns(pl.col("start2").alias("day"))
-    for slot, id_expr in enumerate(
-        (pl.col("a1"), pl.col("a2"), pl.col("a3"), pl.lit(vs, I32), _ids(pl.col("vtype"), tok))
-    ):
-        token_rows.append(_token_rows(opened, id_expr, _OPEN, slot))
+    return [
+        _token_rows(opened, id_expr, _OPEN, slot)
+        for slot, id_expr in enumerate(
+            (
+                pl.col("a1"),
+                pl.col("a2"),
+                pl.col("a3"),
+                pl.lit(vs, I32),
+                _ids(pl.col("vtype"), tok),
+            )
+        )
+    ]
+
+
+def _visit_close_tokens(visits: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per visit: the day change to its end, the discharge (inpatient only), ``[VE]``."""
     closed = visits.with_columns(
         (pl.col("end_d") - pl.coalesce("last_d", "start2")).alias("n_end"),
         pl.col("end_d").alias("day"),
@@ -391,11 +464,18 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     discharge = pl.when("inpatient").then(
         _ids(pl.col("discharge").fill_null(mc.discharge_code(None)), tok)
     )
-    token_rows.append(_repeat_rows(closed, pl.col("n_end"), _CLOSE, tok))
-    for slot, id_expr in enumerate((end_rest, discharge, pl.lit(ve, I32)), start=1):
-        token_rows.append(_token_rows(closed, id_expr, _CLOSE, slot))
+    rows = [_repeat_rows(closed, pl.col("n_end"), _CLOSE, tok)]
+    for slot, id_expr in enumerate(
+        (end_rest, discharge, pl.lit(tok.token_to_id[VE], I32)), start=1
+    ):
+        rows.append(_token_rows(closed, id_expr, _CLOSE, slot))
+    return rows
 
-    # Prompt and death pieces, per subject with at least one visit.
+
+def _persons_with_visits(
+    persons: pl.DataFrame, visits: pl.DataFrame, stats: EncodeStats
+) -> pl.DataFrame:
+    """Subjects with at least one visit, with their first visit day and last visit end."""
     firsts = visits.filter(pl.col("vord") == 0).select(
         "subject_id", pl.col("start2").alias("first_day"), pl.col("g").alias("first_g")
     )
@@ -409,17 +489,22 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     persons = persons.filter(pl.col("first_day").is_not_null())
     stats.subjects = persons.height
     stats.subjects_without_birth = int(persons["birth"].is_null().sum())
+    return persons
+
+
+def _month_day(date: pl.Expr) -> pl.Expr:
+    """(month, day) as one Int32 number: polars gives month and day as Int8, which overflows."""
+    return date.dt.month().cast(pl.Int32) * 100 + date.dt.day().cast(pl.Int32)
+
+
+def _prompt_tokens(persons: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per subject: ``year:`` and ``age:`` at the first visit, gender and race."""
     first = pl.from_epoch(pl.col("first_day").cast(pl.Int64), time_unit="d")
     birth = pl.col("birth").dt.date()
-
-    # (month, day) as one Int32 number: polars gives month and day as Int8, which overflows.
-    def month_day(date: pl.Expr) -> pl.Expr:
-        return date.dt.month().cast(pl.Int32) * 100 + date.dt.day().cast(pl.Int32)
-
     age = (
         first.dt.year().cast(pl.Int32)
         - birth.dt.year().cast(pl.Int32)
-        - (month_day(first) < month_day(birth)).cast(pl.Int32)
+        - (_month_day(first) < _month_day(birth)).cast(pl.Int32)
     )
     year_id = (first.dt.year().clip(*YEAR_RANGE) - YEAR_RANGE[0] + tok.year_base).cast(I32)
     age_id = (
@@ -429,15 +514,21 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .cast(I32)
     )
     prompt = persons.with_columns(pl.col("first_g").alias("g"), pl.col("first_day").alias("day"))
-    for slot, id_expr in enumerate(
-        (
-            year_id,
-            age_id,
-            _ids(pl.col("gender").fill_null(mc.gender_code(None)), tok),
-            _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
+    return [
+        _token_rows(prompt, id_expr, _PROMPT, slot)
+        for slot, id_expr in enumerate(
+            (
+                year_id,
+                age_id,
+                _ids(pl.col("gender").fill_null(mc.gender_code(None)), tok),
+                _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
+            )
         )
-    ):
-        token_rows.append(_token_rows(prompt, id_expr, _PROMPT, slot))
+    ]
+
+
+def _death_tokens(persons: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per subject who died: ``ATT [VS] [DEATH] [VE]`` after the last visit."""
     died = (
         persons.filter(pl.col("death").is_not_null())
         .with_columns(_days("death").alias("death_d"))
@@ -449,20 +540,26 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     died = _with_att(died, "dgap", tok).with_columns(
         pl.max_horizontal("death_d", "last_end").alias("day")
     )
-    for slot, id_expr in enumerate(
-        (
-            pl.col("a1"),
-            pl.col("a2"),
-            pl.col("a3"),
-            pl.lit(vs, I32),
-            pl.lit(tok.token_to_id[DEATH], I32),
-            pl.lit(ve, I32),
+    vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
+    return [
+        _token_rows(died, id_expr, _DEATH, slot)
+        for slot, id_expr in enumerate(
+            (
+                pl.col("a1"),
+                pl.col("a2"),
+                pl.col("a3"),
+                pl.lit(vs, I32),
+                pl.lit(tok.token_to_id[DEATH], I32),
+                pl.lit(ve, I32),
+            )
         )
-    ):
-        token_rows.append(_token_rows(died, id_expr, _DEATH, slot))
+    ]
 
+
+def _assemble(token_rows: list[pl.DataFrame], persons: pl.DataFrame) -> pl.DataFrame:
+    """All token rows in key order -> one row per subject with its lists, days and counts."""
     flat = pl.concat(token_rows, how="vertical").filter(pl.col("id").is_not_null()).sort("key")
-    out = (
+    return (
         _to_lists(flat)
         .join(
             persons.select("subject_id", "first_day", _days("birth").alias("birth_day")),
@@ -472,6 +569,3 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .with_columns(pl.col("input_ids").list.len().cast(I32).alias("n_tokens"))
         .sort("subject_id")
     )
-    stats.tokens = int(out["n_tokens"].sum())
-    stats.short_records = int((out["n_tokens"] < MIN_PRETRAIN_TOKENS).sum())
-    return out, stats
