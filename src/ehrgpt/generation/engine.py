@@ -13,7 +13,9 @@ from a seeded ``torch.Generator``.
 
 Prompts are token id lists: a demographic prompt (4 tokens) for a new patient, or a real
 patient's history (the conditional continuation zero-shot prediction uses; see
-:func:`history_prompt`).
+:func:`history_prompt`). With the grammar on, a prompt the grammar refuses (a token out of
+place, an id outside the vocabulary) is not run: it comes back at once as a
+:class:`Generated` with ``finish="refused"`` and the reason, and the batch goes on.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ehrgpt.generation.grammar import GrammarState, TimelineGrammar
+from ehrgpt.generation.grammar import GrammarError, GrammarState, TimelineGrammar
 from ehrgpt.model import EhrGptForCausalLM
 from ehrgpt.tokenizer.vocab import END, PAD, EhrTokenizer
 
@@ -58,7 +60,10 @@ class Generated:
     index: int
     token_ids: list[int]
     n_prompt: int
-    finish: str  # "end" ([END] sampled) or "budget" (max_new_tokens reached)
+    #: "end" ([END] sampled), "budget" (max_new_tokens reached) or "refused" (the grammar
+    #: refused the prompt; nothing was generated and ``reason`` says why).
+    finish: str
+    reason: str = ""
 
 
 @dataclass
@@ -66,6 +71,7 @@ class EngineStats:
     """Throughput figures of one :meth:`Engine.generate` run."""
 
     sequences: int = 0
+    refused_prompts: int = 0
     new_tokens: int = 0
     prompt_tokens: int = 0
     steps: int = 0
@@ -263,14 +269,20 @@ class Engine:
             # Prefill: free slots take the next prompts.
             free = [s for s in range(slots) if index[s] < 0]
             if free and queue:
-                take = free[: len(queue)]
-                batch = [queue.popleft() for _ in take]
+                batch = [queue.popleft() for _ in free[: len(queue)]]
+                if cfg.grammar:
+                    batch, st, refused = self._check_prompts(batch)
+                    self.stats.refused_prompts += len(refused)
+                    finished += len(refused)
+                    yield from refused
+                if not batch:
+                    continue
+                take = free[: len(batch)]
                 for s, (i, p) in zip(take, batch, strict=True):
                     index[s], tokens[s], n_prompt[s] = i, list(p), len(p)
                 rows = torch.tensor(take, device=dev)
-                logits, ids = self._prefill(cache, rows, [p for _, p in batch])
-                if cfg.grammar:  # a prompt the grammar refuses raises GrammarError here
-                    st = g.start(len(batch), ids)
+                logits, _ = self._prefill(cache, rows, [p for _, p in batch])
+                if cfg.grammar:
                     gstate[rows], glen[rows] = st.state, st.length
                 lens = torch.tensor([len(p) for _, p in batch], device=dev)
                 pos[rows] = lens
@@ -295,6 +307,27 @@ class Engine:
                 on_step(finished)
         self.stats.sequences += len(prompts)
         self.stats.seconds += time.perf_counter() - started
+
+    def _check_prompts(
+        self, batch: list[tuple[int, Sequence[int]]]
+    ) -> tuple[list[tuple[int, Sequence[int]]], GrammarState, list[Generated]]:
+        """Split prompts into those the grammar accepts (with their states) and the refused
+        ones, returned as finished :class:`Generated` with the reason."""
+        g = self.grammar
+        st = g.start(len(batch), [p for _, p in batch], check=False)
+        bad = g.is_refused(st).tolist()
+        refused = []
+        for (i, p), b in zip(batch, bad, strict=True):
+            if b:
+                try:
+                    g.start(1, [p])
+                    reason = "refused"
+                except GrammarError as exc:
+                    reason = str(exc)
+                refused.append(Generated(i, list(p), len(p), "refused", reason))
+        keep = torch.tensor([not b for b in bad], device=st.state.device)
+        good = [item for item, b in zip(batch, bad, strict=True) if not b]
+        return good, st[keep], refused
 
     def _prefill(
         self, cache: SlotCache, rows: torch.Tensor, prompts: list[Sequence[int]]

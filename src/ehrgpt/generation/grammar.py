@@ -16,7 +16,11 @@ stricter so that what it allows is what :mod:`ehrgpt.tokenizer.encode` writes:
   threshold (``LT Y0 D5`` decodes, but as 1080 days, so it is refused);
 - ``[OOV]`` is consumed like a clinical code (real histories hold it) but never allowed;
   ``[PAD]`` is skipped anywhere and ``[START]`` before the prompt, as the decoder does, but
-  neither is allowed, except ``[PAD]`` after ``[END]`` (so a batch can keep stepping).
+  neither is allowed, except ``[PAD]`` after ``[END]`` (so a batch can keep stepping);
+- a discharge to death (``DISCHARGE/4216643``) ends the timeline: after its ``[VE]`` only the
+  death visit the encoder writes may follow (``ATT(0) [VS] [DEATH] [VE]``, then ``[END]``);
+- static-only codes (``ETHNICITY/...``, in vocabularies made before they were left out) are
+  never allowed.
 
 So every sequence the grammar accepts and that stops where :meth:`TimelineGrammar.is_complete`
 is true decodes without :class:`~ehrgpt.tokenizer.decode.DecodeError`, and every record the
@@ -54,10 +58,12 @@ from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.vocab import (
     DEATH,
+    DIED_DISCHARGE,
     END,
     OOV,
     PAD,
     START,
+    STATIC_ONLY_PREFIXES,
     VALUE_PREFIX,
     VE,
     VS,
@@ -90,7 +96,11 @@ class S(IntEnum):
     DEATH = 19  # after [DEATH]: expects [VE]
     DEAD = 20  # after the death visit: only [END] (may stop here)
     DONE = 21  # after [END]: only [PAD]
-    ERROR = 22  # absorbing; reached only through advance(check=False)
+    DIED = 22  # after a discharge to death: expects [VE]
+    AFTER_DIED = 23  # after its [VE]: expects the zero-gap time token
+    DEATH_VS = 24  # ... then [VS]
+    DEATH_TYPE = 25  # ... then [DEATH]
+    ERROR = 26  # absorbing; reached only through advance(check=False)
 
 
 _WHERE_EXPECTED: dict[S, tuple[str, str]] = {
@@ -116,6 +126,10 @@ _WHERE_EXPECTED: dict[S, tuple[str, str]] = {
     S.DEATH: ("after [DEATH]", "[VE]"),
     S.DEAD: ("after the death visit", "[END]"),
     S.DONE: ("after [END]", "nothing (only [PAD])"),
+    S.DIED: ("after a discharge to death", "[VE]"),
+    S.AFTER_DIED: ("after a visit discharged to death", "the time token of a zero gap"),
+    S.DEATH_VS: ("before the death visit", "[VS]"),
+    S.DEATH_TYPE: ("in the death visit", "[DEATH]"),
     S.ERROR: ("after an invalid token", "nothing"),
 }
 
@@ -129,7 +143,7 @@ _BODY = {
 }
 
 # Token classes. ATT tokens are "att:" + flags: s (short gap), r (remainder after LT Y<k>),
-# e (remainder that reaches the long threshold after the smallest year count).
+# e (remainder that reaches the long threshold after the smallest year count), z (a gap of 0).
 _NEVER_SAMPLED = ("pad", "start", "oov", "bad")
 _INF = 1 << 20  # "cannot finish" in the cost tables
 
@@ -155,10 +169,14 @@ def _step(state: S, kind: str) -> S | None:
             return S.BETWEEN
         if kind == "discharge" and inpatient:
             return S.DISCHARGED
+        if kind == "died" and inpatient:
+            return S.DIED
         return None
     if kind.startswith("att:"):
-        flag = {S.BETWEEN: "s", S.LT_REM: "r", S.LT_REM_EDGE: "e"}.get(state)
-        return S.NEXT_VS if flag is not None and flag in kind[4:] else None
+        flag = {S.BETWEEN: "s", S.LT_REM: "r", S.LT_REM_EDGE: "e", S.AFTER_DIED: "z"}.get(state)
+        if flag is None or flag not in kind[4:]:
+            return None
+        return S.DEATH_VS if state == S.AFTER_DIED else S.NEXT_VS
     table: dict[S, dict[str, S]] = {
         S.YEAR: {"year": S.AGE, "start": S.YEAR},
         S.AGE: {"age": S.GENDER},
@@ -173,6 +191,9 @@ def _step(state: S, kind: str) -> S | None:
         S.NEXT_VS: {"vs": S.TYPE},
         S.DEATH: {"ve": S.DEAD},
         S.DEAD: {"end": S.DONE},
+        S.DIED: {"ve": S.AFTER_DIED},
+        S.DEATH_VS: {"vs": S.DEATH_TYPE},
+        S.DEATH_TYPE: {"death": S.DEATH},
     }
     return table.get(state, {}).get(kind)
 
@@ -183,6 +204,7 @@ def _classify(tok: EhrTokenizer) -> list[str]:
     short, rem = tt.att_lookup(scheme, tok.token_to_id)
     k_min, r_min = divmod(tt.LONG_FROM[scheme], 365)
     short_ids, rem_ids, edge_ids = set(short.tolist()), set(rem.tolist()), set(rem[r_min:].tolist())
+    zero_id = int(short[0])
     years = {tok.token_to_id[f"Y{k}"]: k for k in range(tt.MAX_YEARS + 1)}
     inpatient = set(tok.inpatient_visit_codes)
     fixed = {PAD: "pad", START: "start", END: "end", VS: "vs", VE: "ve", DEATH: "death"}
@@ -193,8 +215,12 @@ def _classify(tok: EhrTokenizer) -> list[str]:
             kind = fixed[t]
         elif t.startswith("i-D"):
             kind = "day" if t[3:].isdigit() and int(t[3:]) > 0 else "bad"
+        elif t == DIED_DISCHARGE:
+            kind = "died"
         elif t.startswith(mc.DISCHARGE_PREFIX):
             kind = "discharge"
+        elif t.startswith(STATIC_ONLY_PREFIXES):
+            kind = "bad"
         elif t.startswith(VALUE_PREFIX):
             rest = t[len(VALUE_PREFIX) :]
             kind = "bin" if len(rest) >= 2 and rest[0] == "Q" and rest[1:].isdigit() else "cat"
@@ -211,6 +237,7 @@ def _classify(tok: EhrTokenizer) -> list[str]:
             kind = "y_edge" if k == k_min else "y_full" if k > k_min else "bad"
         elif tt.is_att_token(t):
             flags = "s" * (i in short_ids) + "r" * (i in rem_ids) + "e" * (i in edge_ids)
+            flags += "z" * (i == zero_id)
             kind = f"att:{flags}" if flags else "bad"
         elif t.startswith(mc.GENDER_PREFIX):
             kind = "gender"
@@ -382,12 +409,15 @@ class TimelineGrammar:
         self,
         batch: int | None = None,
         prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        *,
+        check: bool = True,
     ) -> GrammarState:
         """The state after consuming each prefix (a prompt, a whole history, or nothing).
 
         ``prompt_ids``: one list of ids per sequence, or a LongTensor ``[B, T]`` padded with
-        ``[PAD]`` (left or right). One prefix with ``batch > 1`` is repeated. Raises
-        :class:`GrammarError` naming the prefix and the position of the first refused token.
+        ``[PAD]`` (left or right). One prefix with ``batch > 1`` is repeated. With ``check``
+        raises :class:`GrammarError` naming the prefix and the position of the first refused
+        token; without it a refused prefix's state is ``S.ERROR`` (see :meth:`is_refused`).
         """
         if prompt_ids is None:
             if batch is None:
@@ -398,7 +428,7 @@ class TimelineGrammar:
             if ids.shape[0] != 1:
                 raise ValueError(f"{ids.shape[0]} prompts for a batch of {batch}")
             ids = ids.expand(batch, -1)
-        return self.consume(self._fresh(ids.shape[0]), ids)
+        return self.consume(self._fresh(ids.shape[0]), ids, check=check)
 
     def trace(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
         """The state before each token and after the last: LongTensor ``[B, T + 1]``.
@@ -416,16 +446,22 @@ class TimelineGrammar:
             out[t + 1] = cur
         return out.t()
 
-    def consume(self, state: GrammarState, ids: torch.Tensor) -> GrammarState:
-        """Advance ``state`` over the columns of ``ids`` ``[B, T]``; raises on a refused token."""
+    def consume(
+        self, state: GrammarState, ids: torch.Tensor, *, check: bool = True
+    ) -> GrammarState:
+        """Advance ``state`` over the columns of ``ids`` ``[B, T]``; with ``check`` raises on a
+        refused token (or an id outside the vocabulary), else that row goes to ``S.ERROR``."""
         ids = self._as_ids(ids)
-        self._check_range(ids)
-        cls = self.token_class[ids.t().contiguous()]
+        outside = (ids < 0) | (ids >= self.vocab_size)
+        if check:
+            self._check_range(ids)
+        cls = self.token_class[ids.masked_fill(outside, self.pad_id).t().contiguous()]
         cur = state.state
         for t in range(ids.shape[1]):
             cur = self.transitions[cur, cls[t]]
+        cur = cur.masked_fill(outside.any(dim=1), int(S.ERROR))
         bad = (cur == int(S.ERROR)) & (state.state != int(S.ERROR))
-        if bool(bad.any()):
+        if check and bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             states = self.trace(ids[row : row + 1], state[row])[0]
             pos = int((states[1:] == int(S.ERROR)).nonzero()[0, 0])
@@ -474,6 +510,10 @@ class TimelineGrammar:
         """BoolTensor ``[B]``: the sequence may stop here (after a visit's ``[VE]``, the death
         visit, or ``[END]``); ``[END]`` is allowed in the first two."""
         return self.complete_table[state.state]
+
+    def is_refused(self, state: GrammarState) -> torch.Tensor:
+        """BoolTensor ``[B]``: the sequence holds a token the grammar refuses."""
+        return state.state == int(S.ERROR)
 
     def is_done(self, state: GrammarState) -> torch.Tensor:
         """BoolTensor ``[B]``: ``[END]`` was consumed (only ``[PAD]`` is allowed now)."""

@@ -3,9 +3,11 @@
 Patients are generated in chunks: each chunk's prompts go through the
 :class:`~ehrgpt.generation.engine.Engine`, each sequence is decoded
 (:func:`~ehrgpt.tokenizer.decode.decode_ids`; a random day of the prompt's year starts the
-timeline), and the MEDS rows are appended to ``OUT/meds`` by a streaming
-:class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many patients are asked
-for. Sequences that do not decode are counted by reason and not written.
+timeline; :func:`~ehrgpt.tokenizer.decode.check_plausible` rejects impossible dates and ages;
+numeric values are drawn inside their bin), and the MEDS rows are appended to ``OUT/meds``
+by a streaming :class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many
+patients are asked for. Sequences that do not decode or are not plausible, and prompts the
+grammar refuses, are counted by reason and not written.
 
 Synthetic subject ids are ``id_offset + i`` for patient ``i`` (default offset 10**12), above any
 real id; the run refuses an offset at or below the largest id of the training data.
@@ -38,7 +40,7 @@ from ehrgpt.generation.prompts import (
     user_prompts,
 )
 from ehrgpt.sinks.meds import MedsWriter
-from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
+from ehrgpt.tokenizer.decode import DecodeError, check_plausible, decode_ids, timeline_to_meds
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
 from ehrgpt.util import atomic
@@ -230,16 +232,20 @@ def _generate(
         )
         for res in results:
             i = chunk[res.index]
+            if res.finish == "refused":
+                rejected["prompt refused by the grammar"] += 1
+                continue
             rng = np.random.default_rng([seed, i])
             try:
                 timeline = decode_ids(res.token_ids, tok, rng=rng)
+                check_plausible(timeline, tok)
             except DecodeError as exc:
                 rejected[exc.reason] += 1
                 continue
             except (OverflowError, ValueError):  # dates beyond the calendar
                 rejected["date out of range"] += 1
                 continue
-            frames.append(timeline_to_meds(timeline, tok, id_offset + i))
+            frames.append(timeline_to_meds(timeline, tok, id_offset + i, rng=rng))
         if frames:
             writer.write(pl.concat(frames))
         writer.flush()

@@ -18,7 +18,14 @@ Rules that make ``decode`` an exact inverse at day resolution:
 - events in a visit ordered by time, then code; a code outside the vocabulary becomes
   ``[OOV]`` (counted, never dropped); a numeric value becomes its bin token, a categorical
   value ``VAL:<code>``.
+- a visit type, discharge, gender or race outside the vocabulary becomes its class's
+  ``UNKNOWN`` token (``VISIT/UNKNOWN``, ...; counted), so every record keeps the grammar; a
+  visit of an unknown type is not inpatient (no day tokens to its end, no discharge);
+- static codes other than gender and race (``ETHNICITY/...``) are left out (counted);
 - events without a visit id: one visit of unknown type per subject and day.
+- death (``MEDS_DEATH``, or a discharge to "Patient died", 4216643) ends the timeline: the
+  death day is the earlier of the two, the death visit comes last, and visits after a visit
+  discharged to death are left out (counted).
 
 Each token also gets its day (days since 1970-01-01), so later stages can cut a history at a
 prediction time or a window start.
@@ -39,6 +46,7 @@ from ehrgpt.tokenizer.values import assign_bins
 from ehrgpt.tokenizer.vocab import (
     AGE_UNKNOWN,
     DEATH,
+    DIED_DISCHARGE,
     MAX_AGE,
     OOV,
     VALUE_PREFIX,
@@ -70,20 +78,39 @@ class EncodeStats:
     events_moved_to_visit_start: int = 0
     visits_moved_after_previous: int = 0
     events_without_visit: int = 0
+    #: Structure codes outside the vocabulary, per class token (``VISIT/UNKNOWN``: n, ...).
+    unknown_structure: Counter = field(default_factory=Counter)
+    #: ... and per original code.
+    unknown_structure_codes: Counter = field(default_factory=Counter)
+    static_codes_left_out: int = 0
+    deaths: int = 0
+    deaths_from_discharge: int = 0
+    visits_after_death_left_out: int = 0
 
     def merge(self, other: EncodeStats) -> None:
         for name in self.__dataclass_fields__:
-            if name == "oov_codes":
-                self.oov_codes.update(other.oov_codes)
+            mine = getattr(self, name)
+            if isinstance(mine, Counter):
+                mine.update(getattr(other, name))
             else:
-                setattr(self, name, getattr(self, name) + getattr(other, name))
+                setattr(self, name, mine + getattr(other, name))
 
     def summary(self) -> dict:
-        """A JSON-ready summary (the 10 most frequent OOV codes by name)."""
-        out = {k: v for k, v in self.__dict__.items() if k != "oov_codes"}
+        """A JSON-ready summary (the 10 most frequent OOV and unknown structure codes)."""
+        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
         out["distinct_oov_codes"] = len(self.oov_codes)
         out["top_oov_codes"] = dict(self.oov_codes.most_common(10))
+        out["unknown_structure"] = {k: self.unknown_structure[k] for k in sorted(_UNKNOWNS)}
+        out["top_unknown_structure_codes"] = dict(self.unknown_structure_codes.most_common(10))
         return out
+
+
+_UNKNOWNS = (
+    mc.visit_code(None),
+    mc.discharge_code(None),
+    mc.gender_code(None),
+    mc.race_code(None),
+)
 
 
 def _days(col: str | pl.Expr) -> pl.Expr:
@@ -93,6 +120,21 @@ def _days(col: str | pl.Expr) -> pl.Expr:
 
 def _ids(expr: pl.Expr, tok: EhrTokenizer, default: str = OOV) -> pl.Expr:
     return expr.replace_strict(tok.token_to_id, default=tok.token_to_id[default], return_dtype=I32)
+
+
+def _known_structure(
+    frame: pl.DataFrame, column: str, unknown: str, tok: EhrTokenizer, stats: EncodeStats
+) -> pl.DataFrame:
+    """``column`` (structure codes, null = unknown) with codes outside the vocabulary replaced
+    by their class's ``unknown`` token, counted in ``stats``."""
+    col = pl.col(column).fill_null(unknown)
+    outside = ~col.is_in(list(tok.token_to_id))
+    n = frame.select(outside.sum()).item() or 0
+    if n:
+        stats.unknown_structure[unknown] += int(n)
+        codes = frame.filter(outside)[column].value_counts().iter_rows()
+        stats.unknown_structure_codes.update(dict(codes))
+    return frame.with_columns(pl.when(outside).then(pl.lit(unknown)).otherwise(col).alias(column))
 
 
 def _att_columns(gap: np.ndarray, tok: EhrTokenizer) -> dict[str, np.ndarray]:
@@ -213,7 +255,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     """
     stats = EncodeStats()
     frame = _with_extra_columns(frame)
-    persons = _persons(frame)
+    persons = _persons(frame, tok, stats)
     timed = _with_visit_key(frame.filter(pl.col("time").is_not_null()))
     events = _clinical_events(timed)
     stats.events_without_visit = events["visit_id"].null_count()
@@ -264,10 +306,14 @@ def _first_time(frame: pl.DataFrame, code: str, name: str) -> pl.DataFrame:
     )
 
 
-def _persons(frame: pl.DataFrame) -> pl.DataFrame:
-    """One row per subject: ``gender``, ``race`` (static codes), ``birth``, ``death`` times."""
+def _persons(frame: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats) -> pl.DataFrame:
+    """One row per subject: ``gender``, ``race`` (tokens of the vocabulary), ``birth``,
+    ``death`` times. Other static codes are counted and left out."""
     static = frame.filter(pl.col("time").is_null())
-    return (
+    code = pl.col("code").str
+    prompt_code = code.starts_with(mc.GENDER_PREFIX) | code.starts_with(mc.RACE_PREFIX)
+    stats.static_codes_left_out = int(static.select((~prompt_code).sum()).item() or 0)
+    persons = (
         frame.select("subject_id")
         .unique()
         .join(_first_code(static, mc.GENDER_PREFIX, "gender"), on="subject_id", how="left")
@@ -275,6 +321,8 @@ def _persons(frame: pl.DataFrame) -> pl.DataFrame:
         .join(_first_time(frame, mc.BIRTH_CODE, "birth"), on="subject_id", how="left")
         .join(_first_time(frame, mc.DEATH_CODE, "death"), on="subject_id", how="left")
     )
+    persons = _known_structure(persons, "gender", mc.gender_code(None), tok, stats)
+    return _known_structure(persons, "race", mc.race_code(None), tok, stats)
 
 
 _IS_VISIT = pl.col("code").str.starts_with(mc.VISIT_PREFIX)
@@ -294,8 +342,10 @@ def _visits(
     """One row per visit in token order: type, discharge, start / end days, gap before it.
 
     Visits come from visit rows and from the events' visit keys (a visit without a row is of
-    unknown type). The cursor end is the running maximum of the raw ends (no overlap); a visit
-    starting before it is moved to it (``start2``).
+    unknown type). Types and discharges outside the vocabulary become ``VISIT/UNKNOWN`` and
+    ``DISCHARGE/UNKNOWN``; ``died`` marks a discharge to death, after which nothing is kept.
+    The cursor end is the running maximum of the raw ends (no overlap); a visit starting
+    before it is moved to it (``start2``).
     """
     code, time = pl.col("code"), pl.col("time")
     visit_rows = (
@@ -325,10 +375,13 @@ def _visits(
         .drop("subject_id_right", "visit_id_right")
         .join(discharges, on="vkey", how="left")
         .with_columns(
-            pl.col("vtype").fill_null(mc.visit_code(None)),
+            (pl.col("discharge") == DIED_DISCHARGE).fill_null(False).alias("died"),
             pl.coalesce("vstart", "tmin").alias("start"),
         )
-        .with_columns(
+    )
+    visits = _known_structure(visits, "vtype", mc.visit_code(None), tok, stats)
+    visits = (
+        visits.with_columns(
             _days("start").alias("start_d"),
             pl.col("vtype").is_in(list(tok.inpatient_visit_codes)).alias("inpatient"),
         )
@@ -349,10 +402,24 @@ def _visits(
         )
         .with_columns((pl.col("start2") - pl.col("prev_end")).alias("gap"))
     )
+    visits = _until_death(visits, stats)
+    inpatient = visits.filter("inpatient")
+    inpatient = _known_structure(inpatient, "discharge", mc.discharge_code(None), tok, stats)
+    visits = pl.concat([visits.filter(~pl.col("inpatient")), inpatient]).sort("g")
     stats.visits = visits.height
     stats.visits_moved_after_previous = int(
         visits.select((pl.col("start_d") < pl.col("prev_end")).sum()).item() or 0
     )
+    return visits
+
+
+def _until_death(visits: pl.DataFrame, stats: EncodeStats) -> pl.DataFrame:
+    """The visits up to a subject's first visit discharged to death (later ones counted)."""
+    first_death = pl.when("died").then(pl.col("vord")).min().over("subject_id")
+    keep = first_death.is_null() | (pl.col("vord") <= first_death)
+    n = len(visits)
+    visits = visits.filter(keep)
+    stats.visits_after_death_left_out = n - len(visits)
     return visits
 
 
@@ -480,15 +547,23 @@ def _persons_with_visits(
         "subject_id", pl.col("start2").alias("first_day"), pl.col("g").alias("first_g")
     )
     lasts = visits.group_by("subject_id").agg(
-        pl.col("end_d").max().alias("last_end"), pl.col("g").max().alias("last_g")
+        pl.col("end_d").max().alias("last_end"),
+        pl.col("g").max().alias("last_g"),
+        pl.col("end_d").filter("died").min().alias("died_end"),
     )
-    persons = persons.join(firsts, on="subject_id", how="left").join(
-        lasts, on="subject_id", how="left"
+    persons = (
+        persons.join(firsts, on="subject_id", how="left")
+        .join(lasts, on="subject_id", how="left")
+        .with_columns(pl.min_horizontal(_days("death"), "died_end").alias("death_d"))
     )
     stats.subjects_without_visits = int(persons["first_day"].is_null().sum())
     persons = persons.filter(pl.col("first_day").is_not_null())
     stats.subjects = persons.height
     stats.subjects_without_birth = int(persons["birth"].is_null().sum())
+    stats.deaths = int(persons["death_d"].is_not_null().sum())
+    stats.deaths_from_discharge = int(
+        persons.select(pl.col("death").is_null() & pl.col("died_end").is_not_null()).sum().item()
+    )
     return persons
 
 
@@ -529,13 +604,9 @@ def _prompt_tokens(persons: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFram
 
 def _death_tokens(persons: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
     """Per subject who died: ``ATT [VS] [DEATH] [VE]`` after the last visit."""
-    died = (
-        persons.filter(pl.col("death").is_not_null())
-        .with_columns(_days("death").alias("death_d"))
-        .with_columns(
-            pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap"),
-            pl.col("last_g").alias("g"),
-        )
+    died = persons.filter(pl.col("death_d").is_not_null()).with_columns(
+        pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap"),
+        pl.col("last_g").alias("g"),
     )
     died = _with_att(died, "dgap", tok).with_columns(
         pl.max_horizontal("death_d", "last_end").alias("day")
