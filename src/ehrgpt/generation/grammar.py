@@ -22,6 +22,13 @@ stricter so that what it allows is what :mod:`ehrgpt.tokenizer.encode` writes:
 - static-only codes (``ETHNICITY/...``, in vocabularies made before they were left out) are
   never allowed.
 
+Time limits (:meth:`TimelineGrammar.time_mask`): each time token moves the date cursor by a
+number of days that depends on the state (``D5`` after ``[VE]`` is 5 days, after ``LT Y3``
+it is the remainder of a long gap). ``charge_table`` holds those days, ``need_table`` the
+fewest days a token commits the record to (``LT`` commits to the shortest long gap). The
+engine keeps a day budget per sequence (the training data's end, an age of 120) and a visit
+length budget, and masks the time tokens that would exceed them.
+
 So every sequence the grammar accepts and that stops where :meth:`TimelineGrammar.is_complete`
 is true decodes without :class:`~ehrgpt.tokenizer.decode.DecodeError`, and every record the
 encoder writes is accepted.
@@ -249,6 +256,46 @@ def _classify(tok: EhrTokenizer) -> list[str]:
     return kinds
 
 
+def _time_tables(
+    tok: EhrTokenizer, kinds: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``charge [n_states, V]``: days a token moves the cursor in a state; ``need``: the fewest
+    days it commits the record to (``LT``, ``Y<k>``: the shortest gap they can end in);
+    ``visit_charge [V]``: days a token adds to the current visit (``i-D<n>``)."""
+    scheme = tok.att_scheme
+    k_min = tt.LONG_FROM[scheme] // 365
+    n_states, vocab = len(S), len(tok)
+    charge = torch.zeros(n_states, vocab, dtype=torch.long)
+    visit = torch.zeros(vocab, dtype=torch.long)
+    rem_states = {S.LT_REM: k_min + 1, S.LT_REM_EDGE: k_min}
+    for i, (t, kind) in enumerate(zip(tok.tokens, kinds, strict=True)):
+        if kind == "day":
+            visit[i] = int(t[3:])
+            for body in _BODY:
+                charge[body, i] = int(t[3:])
+        elif kind.startswith("att:"):
+            for state in (S.BETWEEN, S.AFTER_DIED):
+                charge[state, i] = tt.att_days([t], scheme)
+            for state, k in rem_states.items():
+                if "r" in kind or "e" in kind:
+                    charge[state, i] = tt.att_days([tt.LONG_TOKEN, f"Y{k}", t], scheme) - 365 * k
+        elif kind in ("y_edge", "y_full"):
+            charge[S.LT_YEAR, i] = 365 * int(t[1:])
+    need = charge.clone()
+    big = 1 << 40
+    flags = [k[4:] if k.startswith("att:") else "" for k in kinds]
+    for state, flag, y_kind in ((S.LT_REM, "r", "y_full"), (S.LT_REM_EDGE, "e", "y_edge")):
+        # Y<k> needs 365 k plus the smallest remainder allowed after it.
+        rem = torch.tensor([flag in f for f in flags])
+        smallest = int(charge[state][rem].min()) if bool(rem.any()) else big
+        ys = torch.tensor([k == y_kind for k in kinds])
+        need[S.LT_YEAR, ys] = charge[S.LT_YEAR, ys] + smallest
+    lt = torch.tensor([k == "lt" for k in kinds])
+    ys = torch.tensor([k in ("y_edge", "y_full") for k in kinds])
+    need[S.BETWEEN, lt] = int(need[S.LT_YEAR][ys].min()) if bool(ys.any()) else big
+    return charge, need, visit
+
+
 class GrammarError(EhrgptError, ValueError):
     """A token sequence the grammar refuses; names the sequence, the position and the token."""
 
@@ -358,6 +405,8 @@ class TimelineGrammar:
         self._bias: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self.complete_table = torch.zeros(n_states, dtype=torch.bool)
         self.complete_table[[S.BETWEEN, S.DEAD, S.DONE]] = True
+        self.charge_table, self.need_table, self.visit_charge = _time_tables(tok, kinds)
+        self.vs_id = tok.token_to_id[VS]
         self.device = torch.device("cpu")
         if device is not None:
             self.to(device)
@@ -373,6 +422,9 @@ class TimelineGrammar:
         "complete_table",
         "_trans_flat",
         "_closing_flat",
+        "charge_table",
+        "need_table",
+        "visit_charge",
     )
 
     def to(self, device: torch.device | str) -> TimelineGrammar:
@@ -510,6 +562,31 @@ class TimelineGrammar:
         """BoolTensor ``[B]``: the sequence may stop here (after a visit's ``[VE]``, the death
         visit, or ``[END]``); ``[END]`` is allowed in the first two."""
         return self.complete_table[state.state]
+
+    def time_mask(
+        self, state: GrammarState, days_left: torch.Tensor, visit_days_left: torch.Tensor
+    ) -> torch.Tensor:
+        """BoolTensor ``[B, V]``: tokens that keep the record within ``days_left`` more days
+        in all and ``visit_days_left`` more days in the current visit (LongTensors ``[B]``)."""
+        need = self.need_table.index_select(0, state.state)
+        return (need <= days_left[:, None]) & (
+            self.visit_charge[None, :] <= visit_days_left[:, None]
+        )
+
+    def spend_time(
+        self,
+        state: GrammarState,
+        token_ids: torch.Tensor,
+        days_left: torch.Tensor,
+        visit_days_left: torch.Tensor,
+        max_visit_days: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The budgets after one token per sequence in ``state`` (before :meth:`advance`)."""
+        flat = state.state * self.vocab_size + token_ids
+        days = days_left - self.charge_table.reshape(-1).index_select(0, flat)
+        visit = visit_days_left - self.visit_charge.index_select(0, token_ids)
+        visit = torch.where(token_ids == self.vs_id, max_visit_days, visit)
+        return days, visit
 
     def is_refused(self, state: GrammarState) -> torch.Tensor:
         """BoolTensor ``[B]``: the sequence holds a token the grammar refuses."""

@@ -40,7 +40,13 @@ from ehrgpt.generation.prompts import (
     user_prompts,
 )
 from ehrgpt.sinks.meds import MedsWriter
-from ehrgpt.tokenizer.decode import DecodeError, check_plausible, decode_ids, timeline_to_meds
+from ehrgpt.tokenizer.decode import (
+    DecodeError,
+    check_plausible,
+    day_budget,
+    decode_ids,
+    timeline_to_meds,
+)
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
 from ehrgpt.util import atomic
@@ -228,7 +234,10 @@ def _generate(
     ):
         frames = []
         results = engine.generate(
-            [prompts[i] for i in chunk], sampling, seed=seed * 1_000_003 + chunk[0]
+            [prompts[i] for i in chunk],
+            sampling,
+            seed=seed * 1_000_003 + chunk[0],
+            day_budgets=[_day_budget(prompts[i], tok) for i in chunk],
         )
         for res in results:
             i = chunk[res.index]
@@ -259,6 +268,12 @@ def _generate(
         result = _finish(out, world, codes, fmt, id_offset, result, progress)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _day_budget(prompt: list[int], tok: EhrTokenizer) -> int:
+    """The day budget of a demographic prompt (``year:Y age:A ...``)."""
+    year, age = tok.tokens[prompt[0]], tok.tokens[prompt[1]]
+    return day_budget(int(year[5:]), int(age[4:]) if age[4:].isdigit() else None, tok)
 
 
 def _codes(model_dir: Path, data_dir: Path | None, tok: EhrTokenizer) -> pl.DataFrame:

@@ -248,6 +248,31 @@ def birth_date(tl: Timeline) -> dt.date | None:
     return dt.date(first.year - tl.age, 7, 1)
 
 
+def day_budget(year: int, age: int | None, tok: EhrTokenizer) -> int:
+    """The most days a generated record with prompt ``year:``/``age:`` may span from its first
+    visit and still pass :func:`check_plausible` (dates up to the training data's end, age at
+    most 120), whichever day of the year decoding starts it on; 0 if none.
+
+    >>> tok = EhrTokenizer.build("day", code_counts={}, n_subjects=1, last_date=dt.date(2019, 7, 1))
+    >>> day_budget(2019, 30, tok), day_budget(2018, 30, tok), day_budget(2018, 120, tok)
+    (0, 182, 0)
+    """
+    end = tok.data_end
+    latest_start = min(dt.date(year, 12, 31), end)
+    budget = (end - latest_start).days
+    if age is not None:
+        # Birth is July 1 of year - age - 1 (first visit before July) or of year - age.
+        for first, last, born in (
+            (dt.date(year, 1, 1), dt.date(year, 6, 30), year - age - 1),
+            (dt.date(year, 7, 1), dt.date(year, 12, 31), year - age),
+        ):
+            if first > latest_start:
+                continue
+            oldest = dt.date(born + MAX_AGE_YEARS + 1, 7, 1) - dt.timedelta(days=1)
+            budget = min(budget, (oldest - min(last, latest_start)).days)
+    return max(budget, 0)
+
+
 def _last_date(tl: Timeline) -> dt.date:
     """The latest date of a timeline (visit ends, events, death)."""
     days = [v.end for v in tl.visits] + [e.day for v in tl.visits for e in v.events]
@@ -363,6 +388,7 @@ __all__ = [
     "Visit",
     "birth_date",
     "check_plausible",
+    "day_budget",
     "decode_ids",
     "decode_tokens",
     "timeline_to_meds",
