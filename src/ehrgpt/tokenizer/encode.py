@@ -123,12 +123,20 @@ def _ids(expr: pl.Expr, tok: EhrTokenizer, default: str = OOV) -> pl.Expr:
 
 
 def _known_structure(
-    frame: pl.DataFrame, column: str, unknown: str, tok: EhrTokenizer, stats: EncodeStats
+    frame: pl.DataFrame,
+    column: str,
+    unknown: str,
+    tok: EhrTokenizer,
+    stats: EncodeStats,
+    where: pl.Expr | None = None,
 ) -> pl.DataFrame:
     """``column`` (structure codes, null = unknown) with codes outside the vocabulary replaced
-    by their class's ``unknown`` token, counted in ``stats``."""
+    by their class's ``unknown`` token, counted in ``stats`` (only rows ``where`` is true)."""
     col = pl.col(column).fill_null(unknown)
-    outside = ~col.is_in(list(tok.token_to_id))
+    prefix = unknown[: -len(mc.UNKNOWN)]
+    outside = ~col.is_in([t for t in tok.tokens if t.startswith(prefix)])
+    if where is not None:
+        outside = outside & where
     n = frame.select(outside.sum()).item() or 0
     if n:
         stats.unknown_structure[unknown] += int(n)
@@ -403,9 +411,8 @@ def _visits(
         .with_columns((pl.col("start2") - pl.col("prev_end")).alias("gap"))
     )
     visits = _until_death(visits, stats)
-    inpatient = visits.filter("inpatient")
-    inpatient = _known_structure(inpatient, "discharge", mc.discharge_code(None), tok, stats)
-    visits = pl.concat([visits.filter(~pl.col("inpatient")), inpatient]).sort("g")
+    unknown = mc.discharge_code(None)
+    visits = _known_structure(visits, "discharge", unknown, tok, stats, where=pl.col("inpatient"))
     stats.visits = visits.height
     stats.visits_moved_after_previous = int(
         visits.select((pl.col("start_d") < pl.col("prev_end")).sum()).item() or 0
