@@ -335,7 +335,9 @@ def timeline_to_meds(
 ) -> pl.DataFrame:
     """MEDS rows (with ehrgpt's extra columns) for one decoded timeline.
 
-    Numeric values come back with the unit the bins were fitted for: drawn inside their bin
+    Times follow prepared MEDS (docs/method.md section 1): visit starts and birth at 00:00:00,
+    events, visit ends, discharges and death at 23:59:59 of their day. Numeric values come
+    back with the unit the bins were fitted for: drawn inside their bin
     from its quantiles with ``rng`` (generated timelines), else the bin's median (real
     records). Without ``birth_day`` the birth date is :func:`birth_date`.
     """
@@ -352,7 +354,7 @@ def timeline_to_meds(
     for k, v in enumerate(tl.visits):
         vid = visit_id_start + k
         start = dt.datetime.combine(v.start, dt.time())
-        end = dt.datetime.combine(v.end, dt.time())
+        end = dt.datetime.combine(v.end, mc.END_OF_DAY)
         add(start, v.visit_type, visit=vid, end=end, table="visit_occurrence")
         for e in v.events:
             value = unit = None
@@ -366,7 +368,7 @@ def timeline_to_meds(
                 else:
                     value = float(bins.sample(e.value_bin, rng))
             add(
-                dt.datetime.combine(e.day, dt.time()),
+                dt.datetime.combine(e.day, mc.END_OF_DAY),
                 e.code,
                 value=value,
                 visit=vid,
@@ -376,7 +378,7 @@ def timeline_to_meds(
         if v.discharge is not None and v.discharge != mc.discharge_code(None):
             add(end, v.discharge, visit=vid, table="visit_occurrence")
     if tl.death is not None:
-        add(dt.datetime.combine(tl.death, dt.time()), mc.DEATH_CODE, table="death")
+        add(dt.datetime.combine(tl.death, mc.END_OF_DAY), mc.DEATH_CODE, table="death")
     return pl.DataFrame(rows, schema=pl.Schema(mc.EVENT_SCHEMA), orient="row")
 
 

@@ -264,9 +264,12 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     stats = EncodeStats()
     frame = _with_extra_columns(frame)
     persons = _persons(frame, tok, stats)
-    timed = _with_visit_key(frame.filter(pl.col("time").is_not_null()))
+    timed = frame.filter(pl.col("time").is_not_null())
+    stats.events_without_visit = timed.select(
+        (_is_clinical() & pl.col("visit_id").is_null()).sum()
+    ).item()
+    timed = _with_visit_key(timed)
     events = _clinical_events(timed)
-    stats.events_without_visit = events["visit_id"].null_count()
     visits = _visits(timed, events, tok, stats)
     events = _ordered_events(events, visits, tok, stats)
     visits = _with_att(visits, "gap", tok).join(_last_event_days(events), on="g", how="left")
@@ -337,11 +340,14 @@ _IS_VISIT = pl.col("code").str.starts_with(mc.VISIT_PREFIX)
 _IS_DISCHARGE = pl.col("code").str.starts_with(mc.DISCHARGE_PREFIX)
 
 
+def _is_clinical() -> pl.Expr:
+    """Rows that are neither visits, discharges, birth nor death."""
+    return ~_IS_VISIT & ~_IS_DISCHARGE & ~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
+
+
 def _clinical_events(timed: pl.DataFrame) -> pl.DataFrame:
-    """Timed rows that are neither visits, discharges, birth nor death; ``d`` = their day."""
-    return timed.filter(
-        ~_IS_VISIT & ~_IS_DISCHARGE & ~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
-    ).with_columns(_days("time").alias("d"))
+    """Timed clinical rows (:func:`_is_clinical`); ``d`` = their day."""
+    return timed.filter(_is_clinical()).with_columns(_days("time").alias("d"))
 
 
 def _visits(
@@ -442,11 +448,15 @@ def _ordered_events(
         visits.select("vkey", "vord", "g", "start2"), on="vkey", how="inner"
     ).with_columns(
         pl.max_horizontal("d", "start2").alias("d2"),
-        # An event moved to its visit start sorts as if it happened at the start's midnight.
-        pl.max_horizontal(
-            "time",
-            pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d").cast(pl.Datetime("us")),
-        ).alias("t2"),
+        # An event moved to its visit start keeps its time of day on the start's day, so the
+        # order inside a day is the same whether or not an event was moved.
+        pl.when(pl.col("d") < pl.col("start2"))
+        .then(
+            pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d").cast(pl.Datetime("us"))
+            + (pl.col("time") - pl.col("time").dt.truncate("1d"))
+        )
+        .otherwise(pl.col("time"))
+        .alias("t2"),
     )
     events = assign_bins(events, tok.value_bins).with_columns(
         _ids(pl.col("code"), tok).alias("code_id"),
