@@ -295,3 +295,12 @@ def write_labels(labels: Labels, folder: Path) -> None:
     for split in SPLITS:
         part = labels.frame.filter(pl.col("split") == split).drop("split")
         write_parquet_atomic(part, Path(folder) / f"{split}.parquet")
+
+
+def labels_for(run_dir: Path, *, task: str | Path | None = None, labels: Path | None = None) -> Labels:
+    """Labels from ``--labels`` (a parquet file or folder) or made from ``--task``."""
+    if labels is not None:
+        return read_labels(Path(labels), run_dir)
+    if task is None:
+        raise EhrgptError("Give --task (a shipped task name or an ACES YAML) or --labels.")
+    return extract_labels(run_dir, task)
