@@ -88,9 +88,7 @@ def write_embeddings(
 
 def read_embeddings(folder: Path, pooling: str = "last") -> tuple[pl.DataFrame, np.ndarray]:
     """The label columns and the [N, hidden] matrix of one pooling, in sample order."""
-    frame = pl.read_parquet(sorted((Path(folder) / EMBEDDINGS).glob("*.parquet"))).sort(
-        "sample_id"
-    )
+    frame = pl.read_parquet(sorted((Path(folder) / EMBEDDINGS).glob("*.parquet"))).sort("sample_id")
     matrix = frame[f"embedding_{pooling}"].to_numpy().astype(np.float32)
     return frame.drop([f"embedding_{p}" for p in POOLINGS]), matrix
 
@@ -107,15 +105,21 @@ def embed(
     overwrite: bool = False,
     progress: bool = True,
 ) -> EmbedResult:
-    """Embed the histories of ``labels`` (or of ``task``'s labels) with the model of ``model_dir``."""
+    """Embed the histories of ``labels`` (or of ``task``'s) with the model of ``model_dir``."""
     from ehrgpt.generation.pipeline import load_model
 
     model, tok = load_model(Path(model_dir))
     found = labels_for(Path(run_dir), task=task, labels=labels)
     with output_folder(Path(out), overwrite=overwrite) as tmp:
         result = write_embeddings(
-            model, tok, Path(run_dir), found, tmp,
-            token_budget=token_budget, chunk_size=chunk_size, progress=progress,
+            model,
+            tok,
+            Path(run_dir),
+            found,
+            tmp,
+            token_budget=token_budget,
+            chunk_size=chunk_size,
+            progress=progress,
         )
         summary = {k: v for k, v in asdict(result).items() if k != "out"}
         write_json_atomic(tmp / "embed.json", {**summary, "model": str(model_dir)})

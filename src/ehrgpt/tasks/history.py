@@ -140,9 +140,7 @@ def encode_histories(
             ids_col[i] = ids.tolist()
             stats.truncated += 1
             stats.cut_inside_visit += int(inside)
-        encoded = encoded.with_columns(
-            pl.Series("input_ids", ids_col, dtype=pl.List(pl.Int32))
-        )
+        encoded = encoded.with_columns(pl.Series("input_ids", ids_col, dtype=pl.List(pl.Int32)))
     out = encoded.select(
         "sample_id",
         pl.col("input_ids").cast(pl.List(pl.Int32)),

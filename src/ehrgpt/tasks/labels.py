@@ -126,7 +126,9 @@ def load_task(path: Path, run_dir: Path):
     except ruamel.yaml.YAMLError as exc:
         raise EhrgptError(f"Task file {path} is not valid YAML: {_one_line(exc)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("predicates"), dict):
-        raise EhrgptError(f"Task file {path} has no `predicates:` mapping (an ACES task needs one).")
+        raise EhrgptError(
+            f"Task file {path} has no `predicates:` mapping (an ACES task needs one)."
+        )
     codes = _codes(run_dir)
     id_to_code = dict(
         codes.drop_nulls("omop_concept_id").select("omop_concept_id", "code").iter_rows()
@@ -144,7 +146,9 @@ def load_task(path: Path, run_dir: Path):
         try:
             return TaskExtractorConfig.load(resolved)
         except Exception as exc:
-            raise EhrgptError(f"Task file {path} is not a valid ACES task: {_one_line(exc)}") from None
+            raise EhrgptError(
+                f"Task file {path} is not a valid ACES task: {_one_line(exc)}"
+            ) from None
 
 
 # -- labels --------------------------------------------------------------------------------
@@ -243,7 +247,10 @@ def extract_labels(run_dir: Path, task: str | Path) -> Labels:
         if count == 0:
             code = cfg.plain_predicates[pred].code
             log.warning(
-                "Task %s: predicate %r (code %s) matches 0 rows of %s/meds.", path, pred, code,
+                "Task %s: predicate %r (code %s) matches 0 rows of %s/meds.",
+                path,
+                pred,
+                code,
                 run_dir,
             )
     parts = []
@@ -253,7 +260,9 @@ def extract_labels(run_dir: Path, task: str | Path) -> Labels:
             preds = get_predicates_df(cfg, data)
             result = query(cfg, preds)
         except Exception as exc:
-            raise EhrgptError(f"ACES failed on task {path}, shard {shard}: {_one_line(exc)}") from None
+            raise EhrgptError(
+                f"ACES failed on task {path}, shard {shard}: {_one_line(exc)}"
+            ) from None
         if result is None or not len(result) or "label" not in result.columns:
             continue
         parts.append(
@@ -278,7 +287,9 @@ def read_labels(path: Path, run_dir: Path) -> Labels:
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     files = [f for f in files if not f.name.startswith(".")]
     if not files:
-        raise EhrgptError(f"{path} holds no label parquet files (subject_id, prediction_time, ...).")
+        raise EhrgptError(
+            f"{path} holds no label parquet files (subject_id, prediction_time, ...)."
+        )
     try:
         frame = pl.read_parquet(files, missing_columns="insert", extra_columns="ignore")
     except (pl.exceptions.PolarsError, OSError) as exc:
@@ -297,7 +308,9 @@ def write_labels(labels: Labels, folder: Path) -> None:
         write_parquet_atomic(part, Path(folder) / f"{split}.parquet")
 
 
-def labels_for(run_dir: Path, *, task: str | Path | None = None, labels: Path | None = None) -> Labels:
+def labels_for(
+    run_dir: Path, *, task: str | Path | None = None, labels: Path | None = None
+) -> Labels:
     """Labels from ``--labels`` (a parquet file or folder) or made from ``--task``."""
     if labels is not None:
         return read_labels(Path(labels), run_dir)
