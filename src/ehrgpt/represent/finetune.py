@@ -129,7 +129,7 @@ def finetune_classifier(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         score = auroc(np.asarray(y_tune), predict_proba(clf, tune_ids))
         log.epochs.append(
             {"epoch": epoch, "train_loss": total / len(lengths), "tuning_auroc": score}

@@ -291,7 +291,7 @@ def read_labels(path: Path, run_dir: Path) -> Labels:
             f"{path} holds no label parquet files (subject_id, prediction_time, ...)."
         )
     try:
-        frame = pl.read_parquet(files, missing_columns="insert", extra_columns="ignore")
+        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise EhrgptError(f"Cannot read labels {path}: {_one_line(exc)}") from None
     labels = check_labels(frame, run_dir, source=str(path))
