@@ -41,7 +41,7 @@ def _model_dir(work: Path, given: str | None) -> Path:
         return Path(given)
     from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
     from ehrgpt.model import EhrGptForCausalLM, config_from_preset
-    from ehrgpt.prepare import prepare
+    from ehrgpt.pipelines.prepare import prepare
     from ehrgpt.tokenizer.vocab import EhrTokenizer
 
     run = prepare("eunomia", work / "run", progress=False, overwrite=True).run_dir
@@ -92,9 +92,9 @@ def main() -> None:
         args.n, args.max_new_tokens, args.memory = 64, 96, ""
 
     from ehrgpt.generation.engine import Engine, SamplingConfig
-    from ehrgpt.generation.pipeline import load_model
     from ehrgpt.generation.prompts import load_demographics, population_prompts
     from ehrgpt.model.modeling import estimate_flops_per_token
+    from ehrgpt.pipelines.generate import load_model
     from ehrgpt.tokenizer.decode import DecodeError, decode_ids
 
     work = Path(tempfile.mkdtemp(prefix="ehrgpt_bench_gen_"))
@@ -166,7 +166,7 @@ def main() -> None:
         cmd = [
             sys.executable,
             "-m",
-            "ehrgpt.cli",
+            "ehrgpt",
             "generate",
             "--model",
             str(model_dir),

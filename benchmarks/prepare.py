@@ -1,4 +1,4 @@
-"""Benchmark: OMOP (DuckDB) to tokenized timelines with ``ehrgpt.prepare.prepare``.
+"""Benchmark: OMOP (DuckDB) to tokenized timelines with ``ehrgpt.pipelines.prepare.prepare``.
 
 For each size (Eunomia x1 and Eunomia scaled up by replicating patients, see
 ``scale_eunomia.py``) two stages run in their own subprocess, measured the same way
@@ -152,7 +152,7 @@ def raw_export(source: str, out: str, threads: int) -> dict:
 
 def run_prepare(source: str, out: str, progress: bool) -> dict:
     """Run the pipeline in this process and return its result as a dict."""
-    from ehrgpt.prepare import prepare
+    from ehrgpt.pipelines.prepare import prepare
 
     r = prepare(source, Path(out), overwrite=True, progress=progress)
     return {

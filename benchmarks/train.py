@@ -38,12 +38,13 @@ from _measure import measure_matmul_peak_gflops, print_table  # noqa: E402
 from prepare import _git_commit, _hardware  # noqa: E402
 
 from ehrgpt.model import EhrGptForCausalLM, config_from_preset, estimate_flops_per_token  # noqa: E402
-from ehrgpt.prepare import prepare as prepare_run  # noqa: E402
+from ehrgpt.pipelines.prepare import prepare as prepare_run  # noqa: E402
+from ehrgpt.presets import PRESETS  # noqa: E402
 from ehrgpt.tokenizer.vocab import EhrTokenizer  # noqa: E402
 from ehrgpt.training.data import load_records  # noqa: E402
 from ehrgpt.training.packing import collate_batch  # noqa: E402
 from ehrgpt.training.targets import make_targets  # noqa: E402
-from ehrgpt.training.trainer import TRAIN_PRESETS, EpochPlan, TrainConfig, make_optimizer  # noqa: E402
+from ehrgpt.training.trainer import EpochPlan, TrainConfig, make_optimizer  # noqa: E402
 
 TARGET_SPEEDUP = 2.0
 TARGET_MFU = 0.40  # for the small preset
@@ -134,7 +135,7 @@ def bench_preset(preset: str, tok, records, args, device: torch.device, peak: fl
     context = min(config_from_preset(preset, len(tok)).max_position_embeddings, row)
     drop = {} if args.dropout is None else {"dropout": args.dropout}
     config = config_from_preset(preset, len(tok), max_position_embeddings=context, **drop)
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "tokens_per_row": row, "rows_per_batch": n_rows})
+    cfg = TrainConfig(**{**PRESETS[preset].train, "tokens_per_row": row, "rows_per_batch": n_rows})
     plan = EpochPlan(records, tok, context, cfg, args.seed, 0)
     full = [k for k in range(len(plan)) if len(plan.batches[k]) == n_rows]
     batches = [full[i % len(full)] for i in range(args.warmup + args.steps)]

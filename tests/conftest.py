@@ -1,3 +1,3 @@
 """Shared pytest configuration."""
 
-pytest_plugins = ["tests.conftest_postgres", "tests.conftest_runs"]
+pytest_plugins = ["tests.helpers.postgres", "tests.helpers.runs"]

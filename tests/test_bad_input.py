@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from ehrgpt.cli import main
 from ehrgpt.errors import EhrgptError, OutputExistsError, SourceError
-from ehrgpt.prepare import prepare
-from tests.conftest_runs import export_eunomia, leftovers, read_json
+from ehrgpt.pipelines.prepare import prepare
+from tests.helpers.runs import export_eunomia, leftovers, read_json
 
 BAD_ROW = 50_000  # deep in the file, past DuckDB's first parallel CSV chunk
 
@@ -136,7 +136,7 @@ def test_postgres_url_that_refuses_the_connection(tmp_path: Path) -> None:
     out = tmp_path / "run"
     url = "postgresql://postgres@127.0.0.1:1/x"
     proc = subprocess.run(
-        [sys.executable, "-m", "ehrgpt.cli", "prepare", "--source", url, "--out", str(out)],
+        [sys.executable, "-m", "ehrgpt", "prepare", "--source", url, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ehrgpt import __version__
 from ehrgpt.cli import main
-from tests.conftest_runs import leftovers, read_json
+from tests.helpers.runs import leftovers, read_json
 
 SUBCOMMANDS = ("prepare", "train", "generate", "demo")
 
@@ -38,9 +38,9 @@ def test_subcommand_help(command: str) -> None:
 
 
 def test_installed_entry_point_help() -> None:
-    """The console script works as installed (``python -m ehrgpt.cli`` as a fallback)."""
+    """The console script works as installed (``python -m ehrgpt`` as a fallback)."""
     script = Path(sys.executable).with_name("ehrgpt")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ehrgpt.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ehrgpt"]
     proc = subprocess.run(
         [*cmd, "prepare", "--help"], capture_output=True, text=True, timeout=60, check=False
     )

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids, decode_tokens, timeline_to_meds
 from ehrgpt.tokenizer.encode import encode_shard
 from ehrgpt.tokenizer.values import fit_value_bins, sample_values

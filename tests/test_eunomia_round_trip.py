@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer.decode import decode_ids, timeline_to_meds
 from ehrgpt.tokenizer.encode import encode_shard
 from ehrgpt.tokenizer.vocab import EhrTokenizer

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from ehrgpt.generation.engine import Engine, SamplingConfig
-from ehrgpt.generation.pipeline import SYNTHETIC_ID_OFFSET, generate, load_model
 from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics, history_prompt
 from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
+from ehrgpt.pipelines.generate import SYNTHETIC_ID_OFFSET, generate, load_model
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids
 from ehrgpt.tokenizer.vocab import VE, VS, EhrTokenizer
 
@@ -184,7 +184,7 @@ def test_generate_refuses_an_existing_folder(model_dir: Path, tmp_path: Path) ->
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ehrgpt.cli", "generate", *args]
+    return [sys.executable, "-m", "ehrgpt", "generate", *args]
 
 
 def test_interrupted_run_resumes(model_dir: Path, tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_two_processes_split_the_work(model_dir: Path, tmp_path: Path) -> None:
         "--nproc_per_node=2",
         "--standalone",
         "-m",
-        "ehrgpt.cli",
+        "ehrgpt",
         "generate",
         "--model",
         str(model_dir),

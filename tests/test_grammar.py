@@ -21,8 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.generation.grammar import GrammarError, GrammarState, S, TimelineGrammar
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids, decode_tokens
 from ehrgpt.tokenizer.encode import encode_shard

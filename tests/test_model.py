@@ -18,13 +18,13 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ehrgpt.model import (
-    PRESETS,
     EhrGptConfig,
     EhrGptForCausalLM,
     EhrGptModel,
     config_from_preset,
     estimate_flops_per_token,
 )
+from ehrgpt.presets import PRESETS
 from ehrgpt.tokenizer.time_tokens import att_days, att_parts, is_att_token
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training.targets import make_targets
@@ -491,3 +491,26 @@ def test_bfloat16_autocast_trains(model):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     model.zero_grad()
+
+
+def test_import_ehrgpt_is_enough_for_the_auto_classes(tmp_path: Path):
+    """A fresh process: ``import ehrgpt`` then the Auto classes load a saved model, and
+    ``import ehrgpt`` alone imports neither torch nor transformers (the CLI stays quick)."""
+    import subprocess
+    import sys
+
+    config = config_from_preset("tiny", vocab_size=50, num_hidden_layers=1)
+    EhrGptForCausalLM(config).save_pretrained(tmp_path)
+    script = f"""
+import sys
+import ehrgpt
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+assert type(m).__name__ == "EhrGptForCausalLM", type(m)
+assert type(AutoModel.from_pretrained({str(tmp_path)!r})).__name__ == "EhrGptModel"
+assert type(AutoConfig.from_pretrained({str(tmp_path)!r})).__name__ == "EhrGptConfig"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

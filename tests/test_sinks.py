@@ -14,10 +14,10 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import EhrgptError
-from ehrgpt.meds_dataset import check_shard
-from ehrgpt.prepare import prepare
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.meds_format.dataset import check_shard
+from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.sinks import MedsWriter, OmopWriter, meds_to_omop
 from ehrgpt.sinks.omop import CDM_TABLES, EVENT_TABLES, SYNTHETIC_ID_OFFSET, polars_type
 from ehrgpt.sources.postgres import parse_postgres_url

@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from ehrgpt import meds_columns as mc
-from ehrgpt.prepare import prepare
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.quality import QualityReport
 from ehrgpt.sources.meds import import_meds
 from ehrgpt.sources.omop import eunomia_path
 from ehrgpt.sources.postgres import load_omop_duckdb_into_postgres
 from ehrgpt.tokenizer.vocab import bin_token
-from tests.conftest_runs import (
+from tests.helpers.runs import (
     assert_quality_adds_up,
     export_eunomia,
     meds_frame,

@@ -24,9 +24,9 @@ import torch
 
 from ehrgpt.errors import EhrgptError, OutputExistsError
 from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
-from ehrgpt.prepare import prepare
+from ehrgpt.pipelines.prepare import prepare
+from ehrgpt.pipelines.train import grow_vocabulary, train
 from ehrgpt.tokenizer.vocab import END, VE, VS, EhrTokenizer
-from ehrgpt.train import grow_vocabulary, train
 from ehrgpt.training.data import PROMPT_LEN, age_in_years, load_records, materialize, prompt_ids
 from ehrgpt.training.packing import IGNORE_INDEX, collate_batch
 from ehrgpt.training.targets import make_targets
@@ -325,7 +325,7 @@ def test_bad_settings_and_foreign_folders(eunomia_run: Path, tmp_path: Path) -> 
 
 def _run_module(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ehrgpt.train", *args],
+        [sys.executable, "-m", "ehrgpt", "train", *args],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -415,7 +415,8 @@ def test_torchrun_two_ranks_share_the_epoch(eunomia_run: Path, tmp_path: Path) -
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "ehrgpt.train",
+        "ehrgpt",
+        "train",
         "--data",
         str(eunomia_run),
         "--out",
@@ -506,10 +507,10 @@ def test_init_from_grows_the_vocabulary_and_continues(
 def test_cli_command_help_and_errors(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from ehrgpt.train_cli import train_cmd
+    from ehrgpt.cli import main
 
     runner = CliRunner()
-    result = runner.invoke(train_cmd, ["--help"])
+    result = runner.invoke(main, ["train", "--help"])
     assert result.exit_code == 0
     for option in (
         "--data",
@@ -525,6 +526,6 @@ def test_cli_command_help_and_errors(tmp_path: Path) -> None:
         assert option in result.output
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = runner.invoke(train_cmd, ["--data", str(empty), "--out", str(tmp_path / "m")])
+    result = runner.invoke(main, ["train", "--data", str(empty), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2
     assert "tokenizer" in result.output and "Traceback" not in result.output

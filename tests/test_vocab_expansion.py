@@ -13,10 +13,10 @@ import polars as pl
 import pytest
 
 from ehrgpt.errors import EhrgptError
-from ehrgpt.prepare import prepare
+from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.tokenizer.encode import EncodeStats, encode_shard
 from ehrgpt.tokenizer.vocab import OOV, EhrTokenizer
-from tests.conftest_runs import (
+from tests.helpers.runs import (
     assert_quality_adds_up,
     meds_frame,
     quality,

@@ -1,15 +1,17 @@
-"""The ``ehrgpt`` command: one subcommand per stage, each a thin wrapper over a public function.
+"""The ``ehrgpt`` command: one subcommand per stage, each a thin wrapper over the function of
+its module in :mod:`ehrgpt.pipelines`.
 
-Options can also come from a TOML file (``--config FILE``, keys named like the options with
-underscores); options given on the command line win.
+This module is click only: one group, one ``--config`` (a TOML file, keys named like the
+options with underscores; options given on the command line win), one error handler (an
+:class:`~ehrgpt.errors.EhrgptError` becomes ``error: ...`` and exit code 2) and one summary
+renderer (:func:`render_summary` over a result's ``rows()``). ``python -m ehrgpt`` and
+``torchrun -m ehrgpt train|generate`` run the same group.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -18,22 +20,26 @@ from rich.table import Table
 
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError
+from ehrgpt.presets import preset_names
 from ehrgpt.tokenizer.time_tokens import SCHEMES
+from ehrgpt.util.config import read_config
+from ehrgpt.util.seeding import rank
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+_CONFIG_PATH = "ehrgpt.config_path"
+
+
 def _load_config(ctx: click.Context, _param, value: str | None):
     if value:
-        path = Path(value)
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise click.BadParameter(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise click.BadParameter(f"config file {path} is not valid TOML: {exc}") from None
+            data = read_config(Path(value))
+        except EhrgptError as exc:
+            raise click.BadParameter(str(exc)) from None
         ctx.default_map = {**(ctx.default_map or {}), **data}
+        ctx.meta[_CONFIG_PATH] = Path(value)
     return value
 
 
@@ -67,31 +73,34 @@ def main(verbose: bool) -> None:
     )
 
 
-def _summary_table(result) -> Table:
-    table = Table(title="prepare: summary", title_justify="left", show_header=False)
+def render_summary(title: str, result) -> Table:
+    """The end-of-command table: the ``(what, value)`` pairs of ``result.rows()``."""
+    table = Table(title=f"{title}: summary", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    rate = result.n_source_rows / max(result.seconds, 1e-9)
-    for what, value in (
-        ("run folder", str(result.run_dir)),
-        ("clinical rows read", f"{result.n_source_rows:,}"),
-        ("MEDS rows written", f"{result.n_rows:,}"),
-        ("subjects", f"{result.n_subjects:,}"),
-        ("tokens", f"{result.n_tokens:,}"),
-        ("vocabulary", f"{result.vocab_size:,}"),
-        ("seconds", f"{result.seconds:.1f}"),
-        ("clinical rows per second", f"{rate:,.0f}"),
-    ):
+    for what, value in result.rows():
         table.add_row(what, value)
     return table
 
 
-def _run_prepare(**kwargs) -> None:
-    from ehrgpt.prepare import prepare
+def _show(title: str, result) -> None:
+    """Print a command's summary (rank 0 only under torchrun)."""
+    if rank() == 0:
+        if title == "prepare":
+            result.quality.render(console)
+        console.print(render_summary(title, result))
 
-    result = prepare(**kwargs)
-    result.quality.render(console)
-    console.print(_summary_table(result))
+
+def _was_given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` came from the command line or the config file."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT",)
+
+
+def _run_prepare(**kwargs) -> None:
+    from ehrgpt.pipelines.prepare import prepare
+
+    _show("prepare", prepare(**kwargs))
 
 
 @main.command("prepare")
@@ -178,59 +187,18 @@ def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool)
     RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/synthetic
     (synthetic patients as MEDS and as an OMOP CDM DuckDB file).
     """
-    from ehrgpt.generation.engine import SamplingConfig
-    from ehrgpt.generation.pipeline import generate
-    from ehrgpt.train import train
-    from ehrgpt.train_cli import summary_table
+    from ehrgpt.pipelines.demo import demo
 
-    progress = not no_progress
-    console.rule("ehrgpt demo 1/3: prepare Eunomia GiBleed (2,694 patients)")
-    _run_prepare(
-        source="eunomia", out=out / "prepared", seed=seed, overwrite=True, progress=progress
-    )
-    console.rule(f"ehrgpt demo 2/3: pretrain the tiny model ({steps} steps)")
-    result = train(
-        out / "prepared",
-        out / "model",
-        preset="tiny",
-        max_steps=steps,
+    result = demo(
+        out,
+        steps=steps,
+        patients=patients,
         seed=seed,
-        resume=False,
-        progress=progress,
+        progress=not no_progress,
+        stage=console.rule,
+        show=_show,
     )
-    console.print(summary_table(result))
-    console.rule(f"ehrgpt demo 3/3: generate {patients} synthetic patients (MEDS + OMOP)")
-    generated = generate(
-        out / "model",
-        patients,
-        out / "synthetic",
-        fmt="omop-duckdb",
-        sampling=SamplingConfig(max_new_tokens=508),
-        seed=seed,
-        overwrite=True,
-        progress=progress,
-    )
-    console.print(_generate_table(generated))
-
-
-def _generate_table(result) -> Table:
-    table = Table(title="generate: summary", title_justify="left", show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    rows = [
-        ("patients asked for", f"{result.requested:,}"),
-        ("patients written", f"{result.written:,}"),
-        ("rejected (by reason)", ", ".join(f"{k} {v}" for k, v in result.rejected.items()) or "0"),
-        ("generated tokens", f"{result.new_tokens:,}"),
-        ("tokens per second", f"{result.tokens_per_second:,.0f}"),
-        ("patients per minute", f"{result.patients_per_minute:,.0f}"),
-        ("MEDS", str(result.out / "meds")),
-    ]
-    if result.omop:
-        rows.append(("OMOP CDM", result.omop))
-    for what, value in rows:
-        table.add_row(what, value)
-    return table
+    console.print(render_summary("demo", result))
 
 
 @main.command("generate")
@@ -315,7 +283,7 @@ def generate_cmd(
 ) -> None:
     """Generate synthetic patients and write them as MEDS and OMOP CDM tables."""
     from ehrgpt.generation.engine import SamplingConfig
-    from ehrgpt.generation.pipeline import generate
+    from ehrgpt.pipelines.generate import generate
 
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens,
@@ -345,17 +313,75 @@ def generate_cmd(
         overwrite=overwrite,
         progress=not no_progress,
     )
-    if int(os.environ.get("RANK", 0)) == 0:
-        console.print(_generate_table(result))
+    _show("generate", result)
 
 
-def _register_train() -> None:
-    from ehrgpt.train_cli import train_cmd
+@main.command("train")
+@config_option
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Run folder made by `ehrgpt prepare` (RUN/tokenizer, RUN/tokenized).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=True, path_type=Path),
+    help="Model folder to write (resumed if it holds checkpoints).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(preset_names()),
+    default="tiny",
+    show_default=True,
+    help="Model size and training defaults.",
+)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (default: epochs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of init and data order.")
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Continue pretraining this model folder (data prepared with --vocab-from).",
+)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--overwrite", is_flag=True, help="Start again instead of resuming an existing --out."
+)
+@click.pass_context
+def train_cmd(
+    ctx: click.Context,
+    data: Path,
+    out: Path,
+    preset: str,
+    max_steps: int | None,
+    seed: int,
+    init_from: Path | None,
+    no_progress: bool,
+    overwrite: bool,
+) -> None:
+    """Pretrain a CEHR-GPT model on a prepared run; resumes from the latest checkpoint.
 
-    main.add_command(train_cmd)
+    --config may also hold model fields (hidden_size ...) and training fields (lr,
+    tokens_per_row, eval_every ...), top-level or in [model] / [train] tables.
+    Works alone or under `torchrun --nproc_per_node=N -m ehrgpt train ...` (data parallel).
+    """
+    from ehrgpt.pipelines.train import train
 
-
-_register_train()
+    result = train(
+        data,
+        out,
+        # None lets the settings file choose (train() reads it); given options win.
+        preset=preset if _was_given(ctx, "preset") else None,
+        config_file=ctx.meta.get(_CONFIG_PATH),
+        max_steps=max_steps,
+        seed=seed if _was_given(ctx, "seed") else None,
+        init_from=init_from,
+        resume=not overwrite,
+        progress=not no_progress,
+    )
+    _show("train", result)
 
 
 # -- representation: labels, embed, probe, baseline, finetune ------------------------------

@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from ehrgpt.util import atomic
 
 
 @dataclass
@@ -67,9 +68,7 @@ class QualityReport:
         return asdict(self)
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        os.replace(tmp, path)
+        atomic.write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def read(cls, path: Path) -> QualityReport:

@@ -49,8 +49,8 @@ from enum import IntEnum
 
 import torch
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import EhrgptError
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.vocab import (
     DEATH,

@@ -6,7 +6,7 @@ with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM``.
 'EhrGptConfig'
 """
 
-from ehrgpt.model.configuration import PRESETS, EhrGptConfig, config_from_preset
+from ehrgpt.model.configuration import EhrGptConfig, config_from_preset
 from ehrgpt.model.modeling import (
     IGNORE_INDEX,
     EhrGptForCausalLM,
@@ -21,7 +21,6 @@ from ehrgpt.model.modeling import (
 
 __all__ = [
     "IGNORE_INDEX",
-    "PRESETS",
     "EhrGptConfig",
     "EhrGptForCausalLM",
     "EhrGptModel",

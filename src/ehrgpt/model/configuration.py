@@ -4,19 +4,7 @@
 token ids of the vocabulary: the collator (:mod:`ehrgpt.training.targets`) turns token ids into
 the targets of every head, and the model only consumes them.
 
-Three presets:
-
-========  ======  ======  =====  ============  =======  =====================================
-preset    hidden  layers  heads  intermediate  context  meant for
-========  ======  ======  =====  ============  =======  =====================================
-tiny      128     4       4      384           512      Eunomia on 2 CPU cores in minutes
-small     512     8       8      1408          2048     one GPU, a few hours
-base      768     14      12     2048          4096     the authors' recipe (~100-120M params)
-========  ======  ======  =====  ============  =======  =====================================
-
-``intermediate`` is the width of the SwiGLU MLP: 8/3 of hidden (rounded to a multiple of 64)
-gives the parameter count and FLOPs of a GELU MLP of width 4 x hidden, so ``base`` has the size
-of the authors' GPT-2 recipe (768 hidden, 14 layers).
+The presets (model shape and training defaults) are in :mod:`ehrgpt.presets`.
 
 >>> config = config_from_preset("tiny", vocab_size=3085, dropout=0.0)
 >>> config.hidden_size, config.num_hidden_layers, config.max_position_embeddings, config.dropout
@@ -31,9 +19,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ehrgpt.presets import PRESETS
 from ehrgpt.tokenizer.time_tokens import MAX_YEARS
 
-__all__ = ["PRESETS", "EhrGptConfig", "config_from_preset"]
+__all__ = ["EhrGptConfig", "config_from_preset"]
 
 
 class EhrGptConfig(PretrainedConfig):
@@ -111,35 +100,6 @@ class EhrGptConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-#: Shapes of the presets; ``vocab_size`` comes from the tokenizer.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "hidden_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "intermediate_size": 384,
-        "max_position_embeddings": 512,
-        "dropout": 0.1,
-    },
-    "small": {
-        "hidden_size": 512,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "intermediate_size": 1408,
-        "max_position_embeddings": 2048,
-        "dropout": 0.1,
-    },
-    "base": {
-        "hidden_size": 768,
-        "num_hidden_layers": 14,
-        "num_attention_heads": 12,
-        "intermediate_size": 2048,
-        "max_position_embeddings": 4096,
-        "dropout": 0.0,
-    },
-}
-
-
 def config_from_preset(name: str, vocab_size: int, **overrides: Any) -> EhrGptConfig:
     """The config of preset ``name`` for a vocabulary of ``vocab_size`` tokens, with overrides.
 
@@ -152,4 +112,4 @@ def config_from_preset(name: str, vocab_size: int, **overrides: Any) -> EhrGptCo
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown model setting(s) {', '.join(unknown)} for preset {name!r}")
-    return EhrGptConfig(**{**PRESETS[name], "vocab_size": int(vocab_size), **overrides})
+    return EhrGptConfig(**{**PRESETS[name].model, "vocab_size": int(vocab_size), **overrides})

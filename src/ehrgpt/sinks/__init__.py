@@ -1,7 +1,7 @@
 """Where events go: a MEDS 0.4 folder or OMOP CDM 5.4 tables (DuckDB, parquet, CSV, PostgreSQL).
 
 Both sinks take chunks of MEDS rows in ehrgpt's event schema
-(:data:`ehrgpt.meds_columns.EVENT_SCHEMA`), each chunk holding whole subjects, and write
+(:data:`ehrgpt.meds_format.columns.EVENT_SCHEMA`), each chunk holding whole subjects, and write
 every chunk atomically, so an interrupted run keeps its completed chunks and can resume.
 """
 

@@ -28,10 +28,11 @@ import meds
 import polars as pl
 import pyarrow.parquet as pq
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import SinkError
-from ehrgpt.meds_dataset import SPLITS, check_shard, write_metadata, write_parquet_atomic
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.meds_format.dataset import SPLITS, check_shard, write_metadata
 from ehrgpt.sources.omop_to_meds import sort_events
+from ehrgpt.util import atomic
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class MedsWriter:
         folder = self.data_dir / split
         taken = [int(p.stem) for p in folder.glob("*.parquet") if _SHARD_NAME.match(p.name)]
         path = folder / f"{max(taken, default=-1) + 1}.parquet"
-        write_parquet_atomic(sort_events(frame).to_arrow().cast(mc.EVENT_SCHEMA), path)
+        atomic.write_parquet(path, sort_events(frame).to_arrow().cast(mc.EVENT_SCHEMA))
         ids = frame[mc.SUBJECT_ID].unique().to_list()
         self._done.update(dict.fromkeys(ids, split))
         self._buffered_subjects.difference_update(ids)

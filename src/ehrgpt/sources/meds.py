@@ -24,19 +24,20 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import SourceError
-from ehrgpt.meds_dataset import (
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.meds_format.dataset import (
     assign_splits,
     check_shard,
     data_shards,
     shard_assignment,
     write_metadata,
 )
-from ehrgpt.progress import Steps
 from ehrgpt.quality import QualityReport
-from ehrgpt.sources.omop import quote, sql_str
 from ehrgpt.sources.omop_to_meds import MedsResult, sort_partitions
+from ehrgpt.util.progress import Steps
+from ehrgpt.util.sql import sql_ident as quote
+from ehrgpt.util.sql import sql_str
 
 _SQL_TYPES = {
     mc.VISIT_ID: "BIGINT",

@@ -10,7 +10,6 @@ cannot be read as its type stops the run with the table, file, column, value and
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,9 @@ from ehrgpt.sources.omop_tables import (
     VARCHAR,
     Column,
 )
+from ehrgpt.util.sql import sql_ident as quote
+from ehrgpt.util.sql import sql_str
+from ehrgpt.util.urls import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +60,6 @@ class OmopDatabase:
         """Whether ``table`` was found and is well-formed."""
         info = self.tables.get(table)
         return info is not None and info.status == "ok"
-
-
-def quote(name: str) -> str:
-    """Quote an SQL identifier.
-
-    >>> print(quote('my "table'))
-    "my ""table"
-    """
-    return '"' + name.replace('"', '""') + '"'
-
-
-def sql_str(value: str) -> str:
-    """An SQL string literal.
-
-    >>> sql_str("it's")
-    "'it''s'"
-    """
-    return "'" + value.replace("'", "''") + "'"
 
 
 def connect(work_dir: Path, *, memory_limit: str = "2GB", threads: int | None = None):
@@ -117,7 +101,7 @@ def open_omop(
 
         folder = work_dir / "postgres_export"
         export_omop_tables(text, folder, list(OMOP_TABLES))
-        relations, description = _folder_relations(folder), f"PostgreSQL {_mask(text)}"
+        relations, description = _folder_relations(folder), f"PostgreSQL {mask_url(text)}"
     else:
         path_text, _, schema = text.partition("?schema=")
         path = Path(path_text).expanduser()
@@ -151,15 +135,6 @@ def open_omop(
             f"{tables['person'].problem}."
         )
     return OmopDatabase(con, tables, description)
-
-
-def _mask(url: str) -> str:
-    """A URL with its password hidden.
-
-    >>> _mask("postgresql://me:secret@db:5432/cdm")
-    'postgresql://me:***@db:5432/cdm'
-    """
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _attach_duckdb(con, path: Path, schema: str | None) -> dict[str, tuple[str, str]]:

@@ -23,17 +23,18 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
-from ehrgpt.meds_dataset import (
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.meds_format.dataset import (
     assign_splits,
     shard_assignment,
     write_metadata,
-    write_parquet_atomic,
 )
-from ehrgpt.progress import Steps
 from ehrgpt.quality import QualityReport
-from ehrgpt.sources.omop import OmopDatabase, sql_str
+from ehrgpt.sources.omop import OmopDatabase
 from ehrgpt.sources.omop_tables import EVENT_TABLES
+from ehrgpt.util import atomic
+from ehrgpt.util.progress import Steps
+from ehrgpt.util.sql import sql_str
 
 #: Visit concept given to visits rebuilt from a visit id that visit_occurrence lacks.
 REBUILT_VISIT_CONCEPT = 9202
@@ -419,7 +420,7 @@ def sort_partitions(parts: Path, data_dir: Path) -> tuple[list[Path], int]:
             frame = pl.read_parquet(sorted(shard_dir.glob("*.parquet")))
             table = sort_events(frame).to_arrow().cast(mc.EVENT_SCHEMA)
             out = data_dir / split / f"{shard}.parquet"
-            write_parquet_atomic(table, out)
+            atomic.write_parquet(out, table)
             shards.append(out)
             n_rows += table.num_rows
     return shards, n_rows

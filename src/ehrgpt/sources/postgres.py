@@ -27,9 +27,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ehrgpt.errors import SourceError
+from ehrgpt.util.urls import mask_url
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -81,35 +82,6 @@ class PostgresTarget:
     user: str | None
 
 
-def _mask_url(url: str) -> str:
-    """Return ``url`` with any password (in the user part or the query) replaced by ``***``.
-
-    >>> _mask_url("postgresql://ann:s3cret@db.example:5432/omop?schema=cdm")
-    'postgresql://ann:***@db.example:5432/omop?schema=cdm'
-    >>> _mask_url("postgresql://postgres@127.0.0.1:1/x")
-    'postgresql://postgres@127.0.0.1:1/x'
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hostinfo = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = [
-            (k, "***" if k.lower() in _SECRET_PARAMS else v)
-            for k, v in parse_qsl(query, keep_blank_values=True)
-        ]
-        query = urlencode(pairs, safe="*/")
-    out = f"{parts.scheme}://{netloc}{parts.path}"
-    return f"{out}?{query}" if query else out
-
-
 def parse_postgres_url(url: str) -> PostgresTarget:
     """Parse a ``postgresql://`` (or ``postgres://``) URL into a :class:`PostgresTarget`.
 
@@ -127,7 +99,7 @@ def parse_postgres_url(url: str) -> PostgresTarget:
     """
     from psycopg.conninfo import make_conninfo
 
-    masked = _mask_url(url)
+    masked = mask_url(url)
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.vocab import (
     AGE_UNKNOWN,

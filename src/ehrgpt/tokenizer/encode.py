@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.values import assign_bins
 from ehrgpt.tokenizer.vocab import (

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
-from ehrgpt.progress import track
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer.values import fit_value_bins, sample_values
 from ehrgpt.tokenizer.vocab import VALUE_PREFIX, EhrTokenizer
+from ehrgpt.util.progress import track
 
 
 def patient_code_counts(frame: pl.DataFrame) -> pl.DataFrame:

@@ -25,16 +25,16 @@ Expansion for a new dataset appends new codes after the last id, so old ids neve
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ehrgpt import __version__
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import EhrgptError
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.values import N_BINS, ValueBins, bins_from_json, bins_to_json
+from ehrgpt.util import atomic
 
 PAD, OOV, START, END, VS, VE, DEATH = (
     "[PAD]",
@@ -204,9 +204,7 @@ class EhrTokenizer:
             COUNTS_FILE: dict(sorted(self.code_counts.items())),
         }
         for name, data in files.items():
-            tmp = directory / f".{name}.tmp"
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, directory / name)
+            atomic.write_json(directory / name, data)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> EhrTokenizer:

@@ -2,8 +2,8 @@
 
 ``ehrgpt train`` is the same entry point alone or under ``torchrun``::
 
-    torchrun --nproc_per_node=4 -m ehrgpt.train --data RUN --out MODEL     # 4 GPUs, NCCL
-    torchrun --nproc_per_node=2 -m ehrgpt.train --data RUN --out MODEL     # 2 CPU procs, gloo
+    torchrun --nproc_per_node=4 -m ehrgpt train --data RUN --out MODEL     # 4 GPUs, NCCL
+    torchrun --nproc_per_node=2 -m ehrgpt train --data RUN --out MODEL     # 2 CPU procs, gloo
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init` then joins the
 process group (NCCL when CUDA is present, gloo otherwise), puts each process on

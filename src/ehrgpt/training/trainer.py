@@ -28,7 +28,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +41,9 @@ from ehrgpt.errors import EhrgptError
 from ehrgpt.training import distributed as D
 from ehrgpt.training.data import Piece, Records, materialize, plan_counts, plan_epoch
 from ehrgpt.training.packing import IGNORE_INDEX, batch_rows, collate_batch, pack_rows
+from ehrgpt.util.atomic import fsync_dir
+from ehrgpt.util.progress import Bar
+from ehrgpt.util.seeding import seed_everything
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -90,37 +92,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise EhrgptError(f"{name} must be at least 1, not {getattr(self, name)}.")
 
-
-#: Training settings per model preset (CPU-sized for tiny; the authors' recipe for base).
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # Rows as long as the context: attention over a packed row costs O(row^2) (one dense
-    # block-diagonal mask), so on CPU 4 rows of 512 train ~5x faster than 1 row of 2048.
-    "tiny": {
-        "tokens_per_row": 512,
-        "rows_per_batch": 4,
-        "lr": 2e-3,
-        "epochs": 3,
-        "eval_every": 50,
-        "checkpoint_every": 50,
-    },
-    # 16,384 tokens per batch as in the authors' recipe, in rows of the context length.
-    "small": {
-        "tokens_per_row": 2048,
-        "rows_per_batch": 8,
-        "lr": 5e-4,
-        "epochs": 10,
-        "eval_every": 200,
-        "checkpoint_every": 200,
-    },
-    "base": {
-        "tokens_per_row": 4096,
-        "rows_per_batch": 4,
-        "lr": 2e-4,
-        "epochs": 10,
-        "eval_every": 500,
-        "checkpoint_every": 500,
-    },
-}
 
 #: Settings that fix the data stream: a resumed run must use the same values.
 DATA_KEYS = ("tokens_per_row", "rows_per_batch", "grad_accum", "window_prob")
@@ -450,7 +421,13 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> TrainState:
         st, cfg = self.state, self.cfg
-        bar = _ProgressBar(st.planned_steps, st.step, enabled=self.progress_enabled)
+        bar = Bar(
+            st.planned_steps,
+            "Training",
+            done=st.step,
+            fields={"loss": "-"},
+            enabled=self.progress_enabled,
+        )
         session_tokens, session_start = 0, time.perf_counter()
         try:
             while not st.done and st.step < st.planned_steps:
@@ -497,7 +474,11 @@ class Trainer:
                     _append_jsonl(self.out / METRICS, record)
                 if st.step % cfg.checkpoint_every == 0 or st.done:
                     self.save_checkpoint()
-                bar.update(st.step, record["loss"], record["tokens_per_s"])
+                bar.update(
+                    st.step,
+                    loss=f"{record['loss']:.3f}",
+                    rate=f"{record['tokens_per_s']:,.0f} tok/s",
+                )
         finally:
             bar.close()
         st.data["session_tokens_per_s"] = session_tokens / max(
@@ -560,7 +541,7 @@ class Trainer:
             if (self.out / METRICS).exists():
                 shutil.copyfile(self.out / METRICS, tmp / METRICS)
             (tmp / STATE_FILE).write_text(json.dumps(asdict(st), indent=1, default=_json))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
@@ -598,7 +579,7 @@ class Trainer:
         if len(states) == self.dist.world_size:
             _set_rng_state(states[self.dist.rank])
         else:  # another number of ranks: a fresh, distinct seed per rank
-            _seed_all(self.seed + 7919 * (self.state.step + 1) + self.dist.rank)
+            seed_everything(self.seed + 7919 * (self.state.step + 1) + self.dist.rank)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -689,12 +670,6 @@ def _save_pretrained(model: torch.nn.Module, folder: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def _fsync_dir(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def _is_tied(model: torch.nn.Module, key: str) -> bool:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     names = tied.keys() if isinstance(tied, dict) else tied
@@ -720,50 +695,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class _ProgressBar:
-    """A rich bar: steps done, loss, tokens/s, elapsed and ETA (only on rank 0)."""
-
-    def __init__(self, total: int, done: int, *, enabled: bool) -> None:
-        self.progress = None
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]Training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            disable=not sys.stderr.isatty() and os.environ.get("EHRGPT_PROGRESS") != "1",
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=done, loss="-", rate="")
-
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if self.progress is not None:
-            self.progress.update(
-                self.task, completed=step, loss=f"{loss:.3f}", rate=f"{tokens_per_s:,.0f} tok/s"
-            )
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()

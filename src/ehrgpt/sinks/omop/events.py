@@ -1,6 +1,6 @@
 """The clinical event tables of a chunk: each clinical row goes to the table of its domain.
 
-A row's table is the one of its concept's domain (:func:`~ehrgpt.sinks.omop_concepts.domain_table`),
+A row's table is the one of its concept's domain (:func:`~ehrgpt.sinks.omop.concepts.domain_table`),
 else the table of the OMOP row it came from (``omop_table``), else ``observation``; every
 rerouting is counted in ``notes``. Values go to the columns the table has for them
 (``value_as_number``, ``unit_concept_id``, ``value_as_concept_id``, a drug's ``quantity``);
@@ -13,10 +13,10 @@ from collections import Counter
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
-from ehrgpt.sinks.omop_concepts import domain_table, lookup_concept
-from ehrgpt.sinks.omop_rows import KIND_DISCHARGE, KIND_EVENT, with_ids
-from ehrgpt.sinks.omop_schema import EVENT_SPECS, EVENT_TABLES, EventSpec
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.sinks.omop.concepts import domain_table, lookup_concept
+from ehrgpt.sinks.omop.rows import KIND_DISCHARGE, KIND_EVENT, with_ids
+from ehrgpt.sinks.omop.schema import EVENT_SPECS, EVENT_TABLES, EventSpec
 
 __all__ = ["event_tables"]
 
@@ -29,11 +29,11 @@ def event_tables(
     type_concept_id: int,
     first_id: int,
 ) -> dict[str, pl.DataFrame]:
-    """Each of :data:`~ehrgpt.sinks.omop_schema.EVENT_TABLES` (in that order), its ids running
+    """Each of :data:`~ehrgpt.sinks.omop.schema.EVENT_TABLES` (in that order), its ids running
     on from ``first_id`` table after table, rows ordered by person, time and code.
 
     >>> import datetime as dt
-    >>> from ehrgpt.sinks.omop_rows import prepare_rows
+    >>> from ehrgpt.sinks.omop.rows import prepare_rows
     >>> rows, concepts = prepare_rows(pl.DataFrame({"subject_id": [1, 1],
     ...     "time": [dt.datetime(2020, 1, 1), dt.datetime(2020, 1, 2)],
     ...     "code": ["SNOMED/1", "LOINC/2"], "numeric_value": [None, 7.5]}),

@@ -9,7 +9,7 @@ no known clinical domain goes to ``observation`` and is counted. No row is dropp
 Identifiers. ``person_id = subject_id + id_offset``; visit, event and observation-period ids
 run from ``id_offset`` (one sequence shared by all tables, continued across chunks through
 ``first_id``). Synthetic persons must never share an id with real ones: pass an ``id_offset``
-above the real maximum person id, e.g. :data:`~ehrgpt.sinks.omop_schema.SYNTHETIC_ID_OFFSET`.
+above the real maximum person id, e.g. :data:`~ehrgpt.sinks.omop.schema.SYNTHETIC_ID_OFFSET`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from collections.abc import Mapping
 
 import polars as pl
 
-from ehrgpt.sinks.omop_events import event_tables
-from ehrgpt.sinks.omop_person import death_table, observation_period_table, person_table
-from ehrgpt.sinks.omop_rows import prepare_rows
-from ehrgpt.sinks.omop_schema import EHR_TYPE_CONCEPT, EVENT_TABLES, conform
-from ehrgpt.sinks.omop_visits import visit_table
+from ehrgpt.sinks.omop.events import event_tables
+from ehrgpt.sinks.omop.person import death_table, observation_period_table, person_table
+from ehrgpt.sinks.omop.rows import prepare_rows
+from ehrgpt.sinks.omop.schema import EHR_TYPE_CONCEPT, EVENT_TABLES, conform
+from ehrgpt.sinks.omop.visits import visit_table
 
 __all__ = ["OmopTables", "meds_to_omop"]
 

@@ -1,4 +1,4 @@
-"""What an OMOP target must do for :class:`~ehrgpt.sinks.omop_writer.OmopWriter`, and the
+"""What an OMOP target must do for :class:`~ehrgpt.sinks.omop.writer.OmopWriter`, and the
 pieces the targets share: CDM DDL, fitting a chunk to an existing table, CSV text.
 
 :class:`Backend` is a target (a DuckDB file, a folder, a PostgreSQL schema); :class:`SqlBackend`
@@ -15,7 +15,7 @@ from typing import IO
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop_schema import CDM_TABLES, SEQUENCE_ID_COLUMNS
+from ehrgpt.sinks.omop.schema import CDM_TABLES, SEQUENCE_ID_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import platform
 import shutil
 import time
@@ -27,13 +26,13 @@ import polars as pl
 
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError, OutputExistsError
-from ehrgpt.meds_dataset import write_json_atomic, write_parquet_atomic
-from ehrgpt.progress import track
 from ehrgpt.quality import QualityReport
 from ehrgpt.tokenizer.encode import MIN_PRETRAIN_TOKENS, EncodeStats, encode_shard
 from ehrgpt.tokenizer.fit import fit_tokenizer
 from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
+from ehrgpt.util import atomic
+from ehrgpt.util.progress import track
 
 TOKENIZED = "tokenized"
 
@@ -50,6 +49,20 @@ class PrepareResult:
     vocab_size: int
     seconds: float
     quality: QualityReport
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(what, value) pairs for the summary table."""
+        rate = self.n_source_rows / max(self.seconds, 1e-9)
+        return [
+            ("run folder", str(self.run_dir)),
+            ("clinical rows read", f"{self.n_source_rows:,}"),
+            ("MEDS rows written", f"{self.n_rows:,}"),
+            ("subjects", f"{self.n_subjects:,}"),
+            ("tokens", f"{self.n_tokens:,}"),
+            ("vocabulary", f"{self.vocab_size:,}"),
+            ("seconds", f"{self.seconds:.1f}"),
+            ("clinical rows per second", f"{rate:,.0f}"),
+        ]
 
 
 def is_meds_folder(path: Path) -> bool:
@@ -110,7 +123,7 @@ def prepare(
         )
     created_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = atomic.tmp_name(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -127,7 +140,7 @@ def prepare(
             memory_limit=memory_limit,
             progress=progress,
         )
-        write_json_atomic(
+        atomic.write_json(
             tmp / "config.json",
             {
                 "command": "prepare",
@@ -142,15 +155,9 @@ def prepare(
                 "memory_limit": memory_limit,
             },
         )
-        write_json_atomic(tmp / "versions.json", _versions())
+        atomic.write_json(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        atomic.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_parent:
@@ -235,7 +242,7 @@ def _prepare_into(
     ):
         frame = pl.read_parquet(path)
         encoded, shard_stats = encode_shard(frame, tokenizer)
-        write_parquet_atomic(encoded, run / TOKENIZED / path.parent.name / path.name)
+        atomic.write_parquet(run / TOKENIZED / path.parent.name / path.name, encoded)
         stats.merge(shard_stats)
         per_split.setdefault(path.parent.name, EncodeStats()).merge(shard_stats)
     quality.tokens = {
@@ -255,7 +262,7 @@ def _prepare_into(
         "visits moved after an overlapping one": stats.visits_moved_after_previous,
     }
     quality.write(run / "data_quality.json")
-    write_json_atomic(
+    atomic.write_json(
         run / TOKENIZED / "stats.json",
         {"all": stats.summary(), **{k: v.summary() for k, v in per_split.items()}},
     )

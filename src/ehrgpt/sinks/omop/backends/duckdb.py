@@ -8,8 +8,8 @@ from pathlib import Path
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop_backend import SqlBackend, ddl, fit_columns
-from ehrgpt.sinks.omop_schema import CDM_TABLES
+from ehrgpt.sinks.omop.backends.base import SqlBackend, ddl, fit_columns
+from ehrgpt.sinks.omop.schema import CDM_TABLES
 
 __all__ = ["DuckDbBackend"]
 

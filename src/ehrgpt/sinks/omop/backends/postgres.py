@@ -15,8 +15,8 @@ from typing import Any
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop_backend import SqlBackend, ddl, fit_columns, write_cdm_csv
-from ehrgpt.sinks.omop_schema import CDM_TABLES, id_column
+from ehrgpt.sinks.omop.backends.base import SqlBackend, ddl, fit_columns, write_cdm_csv
+from ehrgpt.sinks.omop.schema import CDM_TABLES, id_column
 
 __all__ = ["PostgresBackend"]
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.postgres_server import PostgresUnavailable, TemporaryPostgres, check_reachable
+from tests.helpers.postgres_server import PostgresUnavailable, TemporaryPostgres, check_reachable
 
 ENV_VAR = "EHRGPT_TEST_POSTGRES_URL"
 

@@ -20,7 +20,7 @@ Running the same command again resumes from the latest checkpoint (``resume=Fals
 prepared with ``prepare --vocab-from``: its embedding and output layers grow to the expanded
 vocabulary, new rows starting at the mean of the old ones.
 
-Run as a module too: ``python -m ehrgpt.train --data RUN --out MODEL`` (same options).
+Run as a module too: ``python -m ehrgpt train --data RUN --out MODEL`` (same options).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,12 @@ import torch
 
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError, OutputExistsError
+from ehrgpt.presets import PRESETS
 from ehrgpt.training import distributed as D
 from ehrgpt.training.trainer import (
     CHECKPOINTS,
     DATA_KEYS,
     METRICS,
-    TRAIN_PRESETS,
     TrainConfig,
     Trainer,
     TrainState,
@@ -54,6 +53,9 @@ from ehrgpt.training.trainer import (
     restore_logs,
     train_fields,
 )
+from ehrgpt.util import atomic
+from ehrgpt.util.config import read_config
+from ehrgpt.util.seeding import seed_everything
 
 TRAIN_CONFIG = "train_config.json"
 CARD = "README.md"
@@ -130,24 +132,6 @@ def _split_settings(values: dict[str, Any], where: str) -> tuple[dict, dict]:
                 f"{', '.join(sorted(train_fields()))}."
             )
     return model, train
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML file of settings: top-level keys, or ``[model]`` and ``[train]`` tables."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EhrgptError(f"The config file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise EhrgptError(f"The config file {path} is not valid TOML: {exc}.") from None
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("model", "train") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
 
 
 def _is_ours(folder: Path) -> bool:
@@ -246,9 +230,7 @@ def _check_vocab_extends(old_dir: Path, tok) -> None:
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     for f in sorted(Path(src).iterdir()):
         if f.is_file() and not f.name.startswith("."):
-            tmp = dst / f".{f.name}.tmp"
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, dst / f.name)
+            atomic.copy_file(f, dst / f.name)
 
 
 def _save_demographics(data: Path, out: Path, tok) -> None:
@@ -256,13 +238,10 @@ def _save_demographics(data: Path, out: Path, tok) -> None:
     with counts, and the code metadata (OMOP concept ids and domains, for the OMOP output)."""
     from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
 
-    tmp = out / f".{DEMOGRAPHICS_FILE}.tmp"
-    demographics(data, tok).write_parquet(tmp)
-    os.replace(tmp, out / DEMOGRAPHICS_FILE)
+    atomic.write_parquet(out / DEMOGRAPHICS_FILE, demographics(data, tok))
     codes = data / "meds" / "metadata" / "codes.parquet"
     if codes.exists():
-        shutil.copyfile(codes, out / ".codes.parquet.tmp")
-        os.replace(out / ".codes.parquet.tmp", out / "codes.parquet")
+        atomic.copy_file(codes, out / "codes.parquet")
 
 
 def _save_best(model, out: Path, tokenizer_dir: Path, state: TrainState) -> None:
@@ -274,8 +253,7 @@ def _save_best(model, out: Path, tokenizer_dir: Path, state: TrainState) -> None
     tmp.rmdir()
     _copy_tokenizer(tokenizer_dir, out)
     best = {"step": state.step, "val_loss": state.best_val_loss, "val_ppl": state.best_val_ppl}
-    (out / ".best.json.tmp").write_text(json.dumps(best, indent=1))
-    os.replace(out / ".best.json.tmp", out / "best.json")
+    atomic.write_json(out / "best.json", best)
 
 
 def _n_parameters(model: torch.nn.Module) -> int:
@@ -310,14 +288,14 @@ def train(
     ``preset`` (default ``tiny``), ``seed`` (default 0), ``max_steps`` and ``init_from`` may
     also be set in the file; arguments given here win.
     """
-    from ehrgpt.model.configuration import PRESETS, EhrGptConfig, config_from_preset
+    from ehrgpt.model.configuration import EhrGptConfig, config_from_preset
     from ehrgpt.model.modeling import EhrGptForCausalLM, estimate_flops_per_token
     from ehrgpt.tokenizer.vocab import EhrTokenizer
     from ehrgpt.training.data import load_records
     from ehrgpt.training.targets import make_targets
 
     data, out = Path(data).resolve(), Path(out).resolve()
-    settings = read_config_file(config_file) if config_file else {}
+    settings = read_config(config_file) if config_file else {}
     preset = preset or settings.get("preset", "tiny")
     seed = int(settings.get("seed", 0) if seed is None else seed)
     max_steps = settings.get("max_steps") if max_steps is None else max_steps
@@ -330,7 +308,7 @@ def train(
     model_over, train_over = _split_settings(overrides, "the overrides")
     model_set.update(model_over)
     train_set.update(train_over)
-    cfg = TrainConfig(**{**TRAIN_PRESETS.get(preset, {}), **train_set})
+    cfg = TrainConfig(**{**PRESETS[preset].train, **train_set})
     cfg.check()
     tok_dir = data / "tokenizer"
     tok = EhrTokenizer.from_pretrained(tok_dir)
@@ -383,19 +361,17 @@ def train(
             (out / "data_log.jsonl").unlink(missing_ok=True)
         if dist.is_main:
             _save_demographics(data, out, tok)
-            tmp = out / f".{TRAIN_CONFIG}.tmp"
-            tmp.write_text(json.dumps(resolved, indent=1, default=str))
-            os.replace(tmp, out / TRAIN_CONFIG)
+            atomic.write_json(out / TRAIN_CONFIG, resolved)
         D.barrier(dist)
 
-        _seed_everything(seed)
+        seed_everything(seed)
         added = 0
         if latest is None and init_from is not None:
             model = EhrGptForCausalLM.from_pretrained(init_from)
             added = grow_vocabulary(model, len(tok))
         else:
             model = EhrGptForCausalLM(config)
-        _seed_everything(seed + 1_000_003 * dist.rank)
+        seed_everything(seed + 1_000_003 * dist.rank)
 
         train_records = load_records(data, "train")
         val_records = load_records(data, "tuning")
@@ -461,16 +437,6 @@ def train(
     except BaseException:
         D.shutdown(dist, wait=False)
         raise
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -574,10 +540,11 @@ def write_model_card(
         "## Use",
         "",
         "```python",
-        "from ehrgpt.model.modeling import EhrGptForCausalLM",
+        "import ehrgpt  # registers the model with the Auto classes",
+        "from transformers import AutoModelForCausalLM",
         "from ehrgpt.tokenizer.vocab import EhrTokenizer",
         "",
-        f'model = EhrGptForCausalLM.from_pretrained("{out}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{out}")',
         f'tokenizer = EhrTokenizer.from_pretrained("{out}")',
         "```",
         "",
@@ -587,13 +554,5 @@ def write_model_card(
         "",
     ]
     path = out / CARD
-    tmp = out / f".{CARD}.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic.write_text(path, "\n".join(lines))
     return path
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ehrgpt.train_cli import main
-
-    main()

@@ -2,14 +2,14 @@
 
 This module gathers the public names of the OMOP sink, which lives in small modules:
 
-- :mod:`~ehrgpt.sinks.omop_schema`: the CDM 5.4 tables (columns, types), :func:`conform`;
-- :mod:`~ehrgpt.sinks.omop_concepts`: the OMOP concept of each code, ``concept`` rows;
-- :mod:`~ehrgpt.sinks.omop_rows`, :mod:`~ehrgpt.sinks.omop_person`,
-  :mod:`~ehrgpt.sinks.omop_visits`, :mod:`~ehrgpt.sinks.omop_events`: the tables of a chunk;
-- :mod:`~ehrgpt.sinks.omop_convert`: :func:`meds_to_omop`, which puts them together;
-- :mod:`~ehrgpt.sinks.omop_writer`: :class:`OmopWriter`, over the targets in
-  :mod:`~ehrgpt.sinks.omop_backend`, :mod:`~ehrgpt.sinks.omop_duckdb`,
-  :mod:`~ehrgpt.sinks.omop_folder` and :mod:`~ehrgpt.sinks.omop_postgres`.
+- :mod:`~ehrgpt.sinks.omop.schema`: the CDM 5.4 tables (columns, types), :func:`conform`;
+- :mod:`~ehrgpt.sinks.omop.concepts`: the OMOP concept of each code, ``concept`` rows;
+- :mod:`~ehrgpt.sinks.omop.rows`, :mod:`~ehrgpt.sinks.omop.person`,
+  :mod:`~ehrgpt.sinks.omop.visits`, :mod:`~ehrgpt.sinks.omop.events`: the tables of a chunk;
+- :mod:`~ehrgpt.sinks.omop.convert`: :func:`meds_to_omop`, which puts them together;
+- :mod:`~ehrgpt.sinks.omop.writer`: :class:`OmopWriter`, over the targets in
+  :mod:`~ehrgpt.sinks.omop.backends.base`, :mod:`~ehrgpt.sinks.omop.backends.duckdb`,
+  :mod:`~ehrgpt.sinks.omop.backends.folder` and :mod:`~ehrgpt.sinks.omop.backends.postgres`.
 
 :func:`meds_to_omop` turns a chunk of MEDS rows (ehrgpt's event schema, whole subjects) into
 the CDM 5.4 tables ``person``, ``observation_period``, ``visit_occurrence``,
@@ -32,9 +32,9 @@ writer refuses a chunk whose person ids already exist in the target.
 
 from __future__ import annotations
 
-from ehrgpt.sinks.omop_concepts import code_concepts, concept_rows, domain_table
-from ehrgpt.sinks.omop_convert import OmopTables, meds_to_omop
-from ehrgpt.sinks.omop_schema import (
+from ehrgpt.sinks.omop.concepts import code_concepts, concept_rows, domain_table
+from ehrgpt.sinks.omop.convert import OmopTables, meds_to_omop
+from ehrgpt.sinks.omop.schema import (
     CDM_TABLES,
     EHR_TYPE_CONCEPT,
     EVENT_TABLES,
@@ -43,7 +43,7 @@ from ehrgpt.sinks.omop_schema import (
     conform,
     polars_type,
 )
-from ehrgpt.sinks.omop_writer import OmopWriter, OmopWriteSummary
+from ehrgpt.sinks.omop.writer import OmopWriter, OmopWriteSummary
 
 __all__ = [
     "CDM_TABLES",

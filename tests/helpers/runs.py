@@ -23,7 +23,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from ehrgpt.prepare import prepare
+from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.sources.omop import eunomia_path
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

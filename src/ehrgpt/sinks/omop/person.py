@@ -1,6 +1,6 @@
 """The person-level CDM tables of a chunk: ``person``, ``death`` and ``observation_period``.
 
-Each function takes the rows of :func:`~ehrgpt.sinks.omop_rows.prepare_rows` and counts in
+Each function takes the rows of :func:`~ehrgpt.sinks.omop.rows.prepare_rows` and counts in
 ``notes`` what it had to infer or leave out.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Mapping
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
-from ehrgpt.sinks.omop_concepts import lookup_concept
-from ehrgpt.sinks.omop_rows import KIND_ATTR, KIND_BIRTH, KIND_DEATH, KIND_DISCHARGE, with_ids
-from ehrgpt.sinks.omop_schema import EVENT_SPECS, EVENT_TABLES
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.sinks.omop.concepts import lookup_concept
+from ehrgpt.sinks.omop.rows import KIND_ATTR, KIND_BIRTH, KIND_DEATH, KIND_DISCHARGE, with_ids
+from ehrgpt.sinks.omop.schema import EVENT_SPECS, EVENT_TABLES
 
 __all__ = ["death_table", "observation_period_table", "person_table"]
 
@@ -29,7 +29,7 @@ def person_table(
     (0 when absent or unmapped); the year of birth from ``MEDS_BIRTH``, else the first event.
 
     >>> import datetime as dt
-    >>> from ehrgpt.sinks.omop_rows import prepare_rows
+    >>> from ehrgpt.sinks.omop.rows import prepare_rows
     >>> rows, concepts = prepare_rows(pl.DataFrame({"subject_id": [1, 1, 1],
     ...     "time": [None, dt.datetime(1950, 3, 4), None],
     ...     "code": ["GENDER/8532", "MEDS_BIRTH", "SNOMED/1"]}), pl.DataFrame({"code": ["X"]}),
@@ -127,7 +127,7 @@ def death_table(
     4216643 "Patient died".
 
     >>> import datetime as dt
-    >>> from ehrgpt.sinks.omop_rows import prepare_rows
+    >>> from ehrgpt.sinks.omop.rows import prepare_rows
     >>> rows, concepts = prepare_rows(pl.DataFrame({"subject_id": [1, 2],
     ...     "time": [dt.datetime(2020, 1, 2), dt.datetime(2021, 5, 6)],
     ...     "code": ["MEDS_DEATH", "DISCHARGE/4216643"]}), pl.DataFrame({"code": ["X"]}),

@@ -11,8 +11,6 @@ Layout (MEDS 0.4)::
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ehrgpt import __version__
 from ehrgpt.errors import SourceError
+from ehrgpt.util import atomic
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -76,24 +75,6 @@ def shard_assignment(splits: pl.DataFrame, shard_size: int) -> pl.DataFrame:
     )
 
 
-def write_parquet_atomic(table: pa.Table | pl.DataFrame, path: Path) -> None:
-    """Write a parquet file under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(table, pl.DataFrame):
-        table.write_parquet(tmp)
-    else:
-        pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def write_metadata(
     meds_dir: Path,
     *,
@@ -118,9 +99,7 @@ def write_metadata(
         "other_extension_columns": list(extra_columns),
     }
     meds.DatasetMetadataSchema.validate(dataset)
-    tmp = meta_dir / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(dataset, indent=2))
-    os.replace(tmp, meta_dir / "dataset.json")
+    atomic.write_json(meta_dir / "dataset.json", dataset, indent=2)
 
     if "description" not in codes.columns:
         codes = codes.with_columns(pl.lit(None, pl.String).alias("description"))
@@ -129,10 +108,10 @@ def write_metadata(
     first = ["code", "description", "parent_codes"]
     codes = codes.select(first + [c for c in codes.columns if c not in first]).sort("code")
     codes_table = meds.CodeMetadataSchema.align(codes.to_arrow())
-    write_parquet_atomic(codes_table, meta_dir / "codes.parquet")
-    write_parquet_atomic(
-        meds.SubjectSplitSchema.align(splits.select("subject_id", "split").to_arrow()),
+    atomic.write_parquet(meta_dir / "codes.parquet", codes_table)
+    atomic.write_parquet(
         meta_dir / "subject_splits.parquet",
+        meds.SubjectSplitSchema.align(splits.select("subject_id", "split").to_arrow()),
     )
 
 

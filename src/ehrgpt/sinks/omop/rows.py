@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
 from ehrgpt.errors import SinkError
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.meds import as_event_frame, used_codes
-from ehrgpt.sinks.omop_concepts import code_concepts
+from ehrgpt.sinks.omop.concepts import code_concepts
 
 __all__ = [
     "KIND_ATTR",
@@ -73,7 +73,7 @@ def prepare_rows(
     concept_table: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(rows, concepts): the MEDS rows in the event schema with ``_kind``, ``person_id`` and
-    ``_row`` added, and the :func:`~ehrgpt.sinks.omop_concepts.code_concepts` of every code,
+    ``_row`` added, and the :func:`~ehrgpt.sinks.omop.concepts.code_concepts` of every code,
     unit and categorical value they use.
 
     >>> rows, concepts = prepare_rows(

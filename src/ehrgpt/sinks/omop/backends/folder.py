@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop_backend import Backend, write_cdm_csv
+from ehrgpt.sinks.omop.backends.base import Backend, write_cdm_csv
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
+from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.meds import column_or_null
-from ehrgpt.sinks.omop_schema import conform
+from ehrgpt.sinks.omop.schema import conform
 
 __all__ = [
     "code_concepts",

@@ -37,12 +37,12 @@ from ehrgpt.generation.prompts import (
     population_prompts,
     user_prompts,
 )
-from ehrgpt.meds_dataset import write_json_atomic
-from ehrgpt.progress import track
 from ehrgpt.sinks.meds import MedsWriter
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
+from ehrgpt.util import atomic
+from ehrgpt.util.progress import track
 
 log = logging.getLogger(__name__)
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
@@ -69,6 +69,22 @@ class GenerateResult:
     @property
     def patients_per_minute(self) -> float:
         return 60 * self.written / max(self.seconds, 1e-9)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(what, value) pairs for the summary table."""
+        rejected = ", ".join(f"{k} {v}" for k, v in self.rejected.items()) or "0"
+        rows = [
+            ("patients asked for", f"{self.requested:,}"),
+            ("patients written", f"{self.written:,}"),
+            ("rejected (by reason)", rejected),
+            ("generated tokens", f"{self.new_tokens:,}"),
+            ("tokens per second", f"{self.tokens_per_second:,.0f}"),
+            ("patients per minute", f"{self.patients_per_minute:,.0f}"),
+            ("MEDS", str(self.out / "meds")),
+        ]
+        if self.omop:
+            rows.append(("OMOP CDM", self.omop))
+        return rows
 
 
 def load_model(model_dir: Path):
@@ -244,7 +260,7 @@ def _generate(
             writer.write(pl.concat(frames))
         writer.flush()
     writer.close()
-    write_json_atomic(
+    atomic.write_json(
         part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
     )
     dist.barrier(info)
@@ -294,7 +310,7 @@ def _finish(
     if fmt != "meds":
         result.omop = _write_omop(final, codes, fmt, out, progress)
     shutil.rmtree(out / PARTS, ignore_errors=True)
-    write_json_atomic(out / "generate_summary.json", asdict(result) | {"out": str(out)})
+    atomic.write_json(out / "generate_summary.json", asdict(result) | {"out": str(out)})
     return result
 
 

@@ -11,9 +11,9 @@ from collections import Counter
 
 import polars as pl
 
-from ehrgpt import meds_columns as mc
-from ehrgpt.sinks.omop_concepts import lookup_concept
-from ehrgpt.sinks.omop_rows import KIND_DISCHARGE, KIND_EVENT, KIND_VISIT, with_ids
+from ehrgpt.meds_format import columns as mc
+from ehrgpt.sinks.omop.concepts import lookup_concept
+from ehrgpt.sinks.omop.rows import KIND_DISCHARGE, KIND_EVENT, KIND_VISIT, with_ids
 
 __all__ = ["visit_table"]
 
@@ -29,7 +29,7 @@ def visit_table(
     with ``_discharge_used`` marking the discharge rows that became a visit's discharge.
 
     >>> import datetime as dt
-    >>> from ehrgpt.sinks.omop_rows import prepare_rows
+    >>> from ehrgpt.sinks.omop.rows import prepare_rows
     >>> rows, concepts = prepare_rows(pl.DataFrame({"subject_id": [1, 1, 1],
     ...     "time": [dt.datetime(2020, 1, 1), dt.datetime(2020, 1, 2), dt.datetime(2020, 1, 3)],
     ...     "code": ["VISIT/9201", "SNOMED/1", "DISCHARGE/8536"], "visit_id": [7, 7, 7]}),

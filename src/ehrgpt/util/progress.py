@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -20,23 +21,24 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def _progress(unit: str) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
+def _progress(unit: str, *, extra: str = "") -> Progress:
+    """The one bar layout: description, bar, done/total, [extra], rate, elapsed, ETA.
+
+    Shown on a terminal, or anywhere when ``EHRGPT_PROGRESS=1``.
+    """
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if extra:
+        columns.append(TextColumn(extra))
+    columns += [
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        transient=False,
-        disable=not sys.stderr.isatty() and not _force(),
-    )
+    ]
+    return Progress(*columns, transient=False, disable=not sys.stderr.isatty() and not _force())
 
 
 def _force() -> bool:
-    import os
-
     return os.environ.get("EHRGPT_PROGRESS", "") == "1"
 
 
@@ -104,4 +106,40 @@ class Steps:
         self._clock(None)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=self.total, rate="done")
+            self._progress.stop()
+
+
+class Bar:
+    """A bar updated by hand (``update(done, loss=..., rate=...)``), for loops that are not
+    iterators, such as training steps.
+
+    ``fields`` names extra values shown after the count, e.g. ``{"loss": "-"}``.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        *,
+        done: int = 0,
+        fields: dict[str, str] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        fields = dict(fields or {})
+        extra = " ".join(f"{name} {{task.fields[{name}]}}" for name in fields)
+        self._progress = _progress("it", extra=extra) if enabled else None
+        self._task = None
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task(
+                description, total=total, completed=done, rate="", **fields
+            )
+
+    def update(self, done: int, *, rate: str = "", **fields: str) -> None:
+        """Set the count, the rate text and any extra field."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, rate=rate, **fields)
+
+    def close(self) -> None:
+        if self._progress is not None:
             self._progress.stop()

@@ -1,10 +1,10 @@
 """Append chunks of MEDS rows, as OMOP CDM 5.4 tables, to DuckDB, a folder or PostgreSQL.
 
-:class:`OmopWriter` converts each chunk with :func:`~ehrgpt.sinks.omop_convert.meds_to_omop`,
+:class:`OmopWriter` converts each chunk with :func:`~ehrgpt.sinks.omop.convert.meds_to_omop`,
 continuing the target's id sequence, refuses person ids the target already has, adds the
 ``concept`` rows the chunk uses that the target lacks, and hands the chunk to its backend
-(:mod:`~ehrgpt.sinks.omop_duckdb`, :mod:`~ehrgpt.sinks.omop_folder`,
-:mod:`~ehrgpt.sinks.omop_postgres`) to write atomically.
+(:mod:`~ehrgpt.sinks.omop.backends.duckdb`, :mod:`~ehrgpt.sinks.omop.backends.folder`,
+:mod:`~ehrgpt.sinks.omop.backends.postgres`) to write atomically.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop_backend import Backend
-from ehrgpt.sinks.omop_concepts import concept_ids, concept_rows
-from ehrgpt.sinks.omop_convert import meds_to_omop
-from ehrgpt.sinks.omop_duckdb import DuckDbBackend
-from ehrgpt.sinks.omop_folder import FileBackend
-from ehrgpt.sinks.omop_postgres import PostgresBackend
-from ehrgpt.sinks.omop_schema import (
+from ehrgpt.sinks.omop.backends.base import Backend
+from ehrgpt.sinks.omop.backends.duckdb import DuckDbBackend
+from ehrgpt.sinks.omop.backends.folder import FileBackend
+from ehrgpt.sinks.omop.backends.postgres import PostgresBackend
+from ehrgpt.sinks.omop.concepts import concept_ids, concept_rows
+from ehrgpt.sinks.omop.convert import meds_to_omop
+from ehrgpt.sinks.omop.schema import (
     EHR_TYPE_CONCEPT,
     SEQUENCE_ID_COLUMNS,
     SYNTHETIC_ID_OFFSET,
@@ -78,7 +78,7 @@ class OmopWriter:
         fmt: ``duckdb``, ``parquet``, ``csv`` or ``postgresql``; inferred when ``None``
             (URL -> postgresql, ``.duckdb``/``.ddb``/``.db`` -> duckdb, else parquet).
         codes: the codes metadata of the run (``meds/metadata/codes.parquet``).
-        id_offset: base of the ids (see :mod:`ehrgpt.sinks.omop_convert`); for synthetic
+        id_offset: base of the ids (see :mod:`ehrgpt.sinks.omop.convert`); for synthetic
             patients use a range above the real maximum id, e.g. :data:`SYNTHETIC_ID_OFFSET`.
         concept_table: an OMOP concept table, to map codes the metadata lacks and to copy
             concept rows from.
