@@ -35,7 +35,7 @@ from _measure import measure_matmul_peak_gflops, print_table
 
 from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
 from ehrgpt.pipelines.embed import write_embeddings
-from ehrgpt.prepare import prepare
+from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.tasks.labels import check_labels
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 

@@ -16,9 +16,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrgpt.cli import main
 from ehrgpt.errors import EhrgptError
-from ehrgpt.generation.pipeline import load_model
 from ehrgpt.pipelines.finetune import finetune
+from ehrgpt.pipelines.generate import load_model
 from ehrgpt.pipelines.probe import demographic_features
+from ehrgpt.pipelines.train import train
 from ehrgpt.represent.baseline import count_features
 from ehrgpt.represent.embed import embed_ids
 from ehrgpt.represent.fewshot import nested_sets, run_fewshot
@@ -26,7 +27,6 @@ from ehrgpt.represent.finetune import FinetuneConfig
 from ehrgpt.represent.metrics import auprc, auroc, binary_metrics, bootstrap_weights
 from ehrgpt.tasks.history import encode_histories
 from ehrgpt.tasks.labels import extract_labels, labels_for, read_labels
-from ehrgpt.train import train
 
 TINY = {
     "hidden_size": 32,

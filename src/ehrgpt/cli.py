@@ -387,27 +387,26 @@ def train_cmd(
 # -- representation: labels, embed, probe, baseline, finetune ------------------------------
 
 
-def _rows_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, title_justify="left", show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    for what, value in rows:
-        table.add_row(what, value)
-    return table
-
-
 _data_opt = click.option(
-    "--data", "run_dir", required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path), help="Prepared run folder.",
+    "--data",
+    "run_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prepared run folder.",
 )
 _model_opt = click.option(
-    "--model", "model_dir", required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path), help="Model folder.",
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model folder.",
 )
 _out_opt = click.option("--out", required=True, type=click.Path(path_type=Path))
 _task_opt = click.option("--task", default=None, help="Shipped task name or ACES YAML path.")
 _labels_opt = click.option(
-    "--labels", default=None, type=click.Path(exists=True, path_type=Path),
+    "--labels",
+    default=None,
+    type=click.Path(exists=True, path_type=Path),
     help="MEDS label parquet file or folder (instead of --task).",
 )
 _common_opts = [
@@ -437,7 +436,7 @@ def labels_cmd(run_dir: Path, task: str, out: Path, overwrite: bool) -> None:
     from ehrgpt.pipelines.labels import make_labels
 
     result = make_labels(run_dir, task, out, overwrite=overwrite)
-    console.print(_rows_table("labels: summary", result.rows()))
+    _show("labels", result)
 
 
 @main.command("embed")
@@ -447,17 +446,27 @@ def labels_cmd(run_dir: Path, task: str, out: Path, overwrite: bool) -> None:
 @_labels_opt
 @_task_opt
 @_out_opt
-@click.option("--token-budget", type=int, default=16384, show_default=True,
-              help="Tokens per batch (rows x longest history).")
+@click.option(
+    "--token-budget",
+    type=int,
+    default=16384,
+    show_default=True,
+    help="Tokens per batch (rows x longest history).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def embed_cmd(no_progress: bool, **kwargs) -> None:
     """One embedding per label row (last-token and mean pooling), as parquet shards."""
     from ehrgpt.pipelines.embed import embed
 
-    result = embed(kwargs.pop("model_dir"), kwargs.pop("run_dir"), kwargs.pop("out"),
-                   progress=not no_progress, **kwargs)
-    console.print(_rows_table("embed: summary", result.rows()))
+    result = embed(
+        kwargs.pop("model_dir"),
+        kwargs.pop("run_dir"),
+        kwargs.pop("out"),
+        progress=not no_progress,
+        **kwargs,
+    )
+    _show("embed", result)
 
 
 @main.command("probe")
@@ -473,14 +482,16 @@ def embed_cmd(no_progress: bool, **kwargs) -> None:
 @click.option("--no-baseline", is_flag=True, help="Skip the count baseline.")
 @_with(_common_opts)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def probe_cmd(model_dir: Path, run_dir: Path, out: Path, no_baseline: bool, no_progress: bool,
-              **kwargs) -> None:
+def probe_cmd(
+    model_dir: Path, run_dir: Path, out: Path, no_baseline: bool, no_progress: bool, **kwargs
+) -> None:
     """Linear probe (and LightGBM) on embeddings, held_out metrics beside the count baseline."""
     from ehrgpt.pipelines.probe import probe
 
-    result = probe(model_dir, run_dir, out, baseline=not no_baseline, progress=not no_progress,
-                   **kwargs)
-    console.print(_rows_table("probe: held_out", result.rows()))
+    result = probe(
+        model_dir, run_dir, out, baseline=not no_baseline, progress=not no_progress, **kwargs
+    )
+    _show("probe (held_out)", result)
 
 
 @main.command("baseline")
@@ -494,7 +505,7 @@ def baseline_cmd(run_dir: Path, out: Path, **kwargs) -> None:
     """Count-feature baseline (LightGBM and logistic regression), held_out metrics."""
     from ehrgpt.pipelines.baseline import baseline
 
-    console.print(_rows_table("baseline: held_out", baseline(run_dir, out, **kwargs).rows()))
+    _show("baseline (held_out)", baseline(run_dir, out, **kwargs))
 
 
 @main.command("finetune")
@@ -510,16 +521,32 @@ def baseline_cmd(run_dir: Path, out: Path, **kwargs) -> None:
 @click.option("--no-baseline", is_flag=True, help="Skip the count baseline.")
 @_with(_common_opts)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def finetune_cmd(model_dir: Path, run_dir: Path, out: Path, max_epochs: int, lr: float, seed: int,
-                 no_baseline: bool, no_progress: bool, **kwargs) -> None:
+def finetune_cmd(
+    model_dir: Path,
+    run_dir: Path,
+    out: Path,
+    max_epochs: int,
+    lr: float,
+    seed: int,
+    no_baseline: bool,
+    no_progress: bool,
+    **kwargs,
+) -> None:
     """Fine-tune the model with a classification head; held_out metrics beside the baseline."""
     from ehrgpt.pipelines.finetune import finetune
     from ehrgpt.represent.finetune import FinetuneConfig
 
     config = FinetuneConfig(max_epochs=max_epochs, lr=lr, seed=seed)
-    result = finetune(model_dir, run_dir, out, config=config, baseline=not no_baseline,
-                      progress=not no_progress, **kwargs)
-    console.print(_rows_table("finetune: held_out", result.rows()))
+    result = finetune(
+        model_dir,
+        run_dir,
+        out,
+        config=config,
+        baseline=not no_baseline,
+        progress=not no_progress,
+        **kwargs,
+    )
+    _show("finetune (held_out)", result)
 
 
 if __name__ == "__main__":  # pragma: no cover

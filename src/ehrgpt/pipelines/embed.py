@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrgpt.meds_dataset import write_json_atomic, write_parquet_atomic
 from ehrgpt.pipelines.output import output_folder
-from ehrgpt.progress import track
 from ehrgpt.represent.embed import POOLINGS, embed_ids
 from ehrgpt.tasks.history import HistoryStats, build_histories, plan_chunks
 from ehrgpt.tasks.labels import Labels, labels_for
+from ehrgpt.util.atomic import write_json, write_parquet
+from ehrgpt.util.progress import track
 
 EMBEDDINGS = "embeddings"
 
@@ -78,7 +78,7 @@ def write_embeddings(
             pl.Series(f"embedding_{p}", vectors[p], dtype=pl.Array(pl.Float32, hidden))
             for p in POOLINGS
         )
-        write_parquet_atomic(shard, Path(folder) / EMBEDDINGS / f"{i:05d}.parquet")
+        write_parquet(Path(folder) / EMBEDDINGS / f"{i:05d}.parquet", shard)
         result.n_rows += shard.height
         result.n_tokens += int(hist["n_tokens"].sum())
     result.n_subjects = labels.frame["subject_id"].n_unique()
@@ -106,7 +106,7 @@ def embed(
     progress: bool = True,
 ) -> EmbedResult:
     """Embed the histories of ``labels`` (or of ``task``'s) with the model of ``model_dir``."""
-    from ehrgpt.generation.pipeline import load_model
+    from ehrgpt.pipelines.generate import load_model
 
     model, tok = load_model(Path(model_dir))
     found = labels_for(Path(run_dir), task=task, labels=labels)
@@ -122,6 +122,6 @@ def embed(
             progress=progress,
         )
         summary = {k: v for k, v in asdict(result).items() if k != "out"}
-        write_json_atomic(tmp / "embed.json", {**summary, "model": str(model_dir)})
+        write_json(tmp / "embed.json", {**summary, "model": str(model_dir)})
     result.out = Path(out)
     return result

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrgpt.meds_dataset import write_json_atomic
 from ehrgpt.pipelines.output import output_folder
 from ehrgpt.pipelines.predict_common import PredictResult, run_baseline, split_masks, write_outputs
 from ehrgpt.represent.evaluate import evaluate, predictions_frame
 from ehrgpt.represent.finetune import FinetuneConfig, finetune_classifier, predict_proba
 from ehrgpt.tasks.history import HistoryStats, build_histories, plan_chunks
 from ehrgpt.tasks.labels import labels_for
+from ehrgpt.util.atomic import write_json
 
 
 def finetune(
@@ -40,7 +40,7 @@ def finetune(
     """Fine-tune ``model_dir`` on a task and score held_out; the count baseline beside it."""
     import torch
 
-    from ehrgpt.generation.pipeline import load_model
+    from ehrgpt.pipelines.generate import load_model
 
     started = time.perf_counter()
     config = config or FinetuneConfig()
@@ -91,7 +91,7 @@ def finetune(
             predictions.update(base_pred)
         result.seconds = time.perf_counter() - started
         write_outputs(tmp, result, predictions, found)
-        write_json_atomic(
+        write_json(
             tmp / "finetune.json",
             {"config": asdict(config), "epochs": log.epochs, "best_epoch": log.best_epoch},
         )

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ehrgpt.meds_dataset import write_json_atomic
 from ehrgpt.pipelines.output import output_folder
 from ehrgpt.tasks.labels import extract_labels, write_labels
+from ehrgpt.util.atomic import write_json
 
 
 @dataclass
@@ -47,7 +47,7 @@ def make_labels(run_dir: Path, task: str, out: Path, *, overwrite: bool = False)
     with output_folder(Path(out), overwrite=overwrite) as tmp:
         write_labels(labels, tmp)
         result.seconds = time.perf_counter() - started
-        write_json_atomic(
+        write_json(
             tmp / "labels.json",
             {
                 "task": str(task),

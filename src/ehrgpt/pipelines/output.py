@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ehrgpt.errors import OutputExistsError
+from ehrgpt.util.atomic import replace_folder
 
 
 @contextlib.contextmanager
@@ -29,12 +30,6 @@ def output_folder(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,11 +16,11 @@ import numpy as np
 import polars as pl
 
 from ehrgpt.errors import EhrgptError
-from ehrgpt.meds_dataset import write_json_atomic, write_parquet_atomic
 from ehrgpt.represent.baseline import count_features
 from ehrgpt.represent.evaluate import check_predictions, evaluate, metric_text, predictions_frame
 from ehrgpt.represent.heads import HEADS, fit_head, predict
 from ehrgpt.tasks.labels import Labels, write_labels
+from ehrgpt.util.atomic import write_json, write_parquet
 
 TRAIN_SPLITS = ("train", "tuning")
 TEST_SPLIT = "held_out"
@@ -123,6 +123,6 @@ def write_outputs(
     """``metrics.json``, ``predictions/*.parquet`` (validated) and ``labels/*.parquet``."""
     for name, frame in predictions.items():
         check_predictions(frame)
-        write_parquet_atomic(frame, Path(folder) / "predictions" / f"{_slug(name)}.parquet")
+        write_parquet(Path(folder) / "predictions" / f"{_slug(name)}.parquet", frame)
     write_labels(labels, Path(folder) / "labels")
-    write_json_atomic(Path(folder) / "metrics.json", result.metrics())
+    write_json(Path(folder) / "metrics.json", result.metrics())

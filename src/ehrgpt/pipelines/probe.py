@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrgpt.meds_dataset import write_parquet_atomic
 from ehrgpt.pipelines.embed import read_embeddings, write_embeddings
 from ehrgpt.pipelines.output import output_folder
 from ehrgpt.pipelines.predict_common import (
@@ -27,6 +26,7 @@ from ehrgpt.pipelines.predict_common import (
 from ehrgpt.represent.baseline import count_features
 from ehrgpt.represent.fewshot import plot_fewshot, run_fewshot, summarise
 from ehrgpt.tasks.labels import labels_for
+from ehrgpt.util.atomic import write_parquet
 
 DEMOGRAPHIC_PREFIXES = ("GENDER/", "RACE/", "ETHNICITY/", "AGE_YEARS")
 
@@ -56,7 +56,7 @@ def probe(
     progress: bool = True,
 ) -> PredictResult:
     """Probe the embeddings of ``model_dir`` on a task; the count baseline beside it."""
-    from ehrgpt.generation.pipeline import load_model
+    from ehrgpt.pipelines.generate import load_model
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -101,7 +101,7 @@ def probe(
             if Xc is not None:
                 features["counts"] = (Xc[train], Xc[test])
             shots = run_fewshot(features, y[train], groups[train], y[test], seed=seed)
-            write_parquet_atomic(shots, tmp / "fewshot.parquet")
+            write_parquet(tmp / "fewshot.parquet", shots)
             plot_fewshot(shots, tmp / "fewshot.png", f"{result.task}: few-shot AUROC (held_out)")
             best = summarise(shots).filter(pl.col("k") == 128)
             for row in best.iter_rows(named=True):

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ehrgpt.progress import track
 from ehrgpt.represent.embed import length_batches
 from ehrgpt.represent.metrics import auroc
+from ehrgpt.util.progress import track
 
 
 class Classifier(nn.Module):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrgpt.meds_dataset import data_shards
+from ehrgpt.meds_format.dataset import data_shards
 from ehrgpt.tokenizer.encode import encode_shard
 from ehrgpt.tokenizer.vocab import VS, EhrTokenizer
 from ehrgpt.training.data import prompt_ids

@@ -23,7 +23,7 @@ from typing import Any
 import polars as pl
 
 from ehrgpt.errors import EhrgptError
-from ehrgpt.meds_dataset import data_shards
+from ehrgpt.meds_format.dataset import data_shards
 from ehrgpt.tasks import shipped_tasks
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,14 @@ def load_task(path: Path, run_dir: Path):
     raises :class:`EhrgptError` naming the file (and ACES's reason, which names the field).
     """
     import ruamel.yaml
-    from aces.config import TaskExtractorConfig
+
+    try:
+        from aces.config import TaskExtractorConfig
+    except ImportError:
+        raise EhrgptError(
+            "Tasks need the ACES package: pip install --no-deps es-aces==0.7.3 "
+            "(its own pin, polars<2, would replace this environment's polars)."
+        ) from None
 
     yaml = ruamel.yaml.YAML(typ="safe", pure=True)
     try:
@@ -301,11 +308,11 @@ def read_labels(path: Path, run_dir: Path) -> Labels:
 
 def write_labels(labels: Labels, folder: Path) -> None:
     """One MEDS label parquet per split: ``folder/{split}.parquet`` (written atomically)."""
-    from ehrgpt.meds_dataset import write_parquet_atomic
+    from ehrgpt.util.atomic import write_parquet
 
     for split in SPLITS:
         part = labels.frame.filter(pl.col("split") == split).drop("split")
-        write_parquet_atomic(part, Path(folder) / f"{split}.parquet")
+        write_parquet(Path(folder) / f"{split}.parquet", part)
 
 
 def labels_for(
