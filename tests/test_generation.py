@@ -160,6 +160,10 @@ def test_generate_writes_valid_meds_and_omop(model_dir: Path, tmp_path: Path) ->
         progress=False,
     )
     assert result.written == 40 and not result.rejected
+    # The summary says how patients ended and how many window shifts there were.
+    assert sum(result.endings.values()) == 40 and set(result.endings) <= {"end", "death", "budget"}
+    rows = dict(result.rows())
+    assert rows["window shifts"] == "0 (in 0 patients)" and rows["ended by"]
     shards = sorted((out / "meds" / "data").rglob("*.parquet"))
     for shard in shards:
         meds.DataSchema.validate(pq.read_table(shard))
