@@ -7,6 +7,7 @@ must hold for any weights.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import torch
 from ehrgpt.generation.engine import Engine, SamplingConfig
 from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics, history_prompt
 from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
-from ehrgpt.pipelines.generate import SYNTHETIC_ID_OFFSET, generate, load_model
+from ehrgpt.pipelines.generate import generate, load_model
 from ehrgpt.tokenizer.decode import DecodeError, decode_ids
 from ehrgpt.tokenizer.vocab import VE, VS, EhrTokenizer
 
@@ -168,10 +169,10 @@ def test_generate_writes_valid_meds_and_omop(model_dir: Path, tmp_path: Path) ->
     for shard in shards:
         meds.DataSchema.validate(pq.read_table(shard))
     subjects = _meds_subjects(out / "meds")
-    assert sorted(subjects) == [SYNTHETIC_ID_OFFSET + i for i in range(40)]
+    assert sorted(subjects) == [result.id_offset + i for i in range(40)]
     con = duckdb.connect(str(out / "omop.duckdb"), read_only=True)
     persons = con.execute("SELECT count(*), min(person_id) FROM person").fetchall()[0]
-    assert persons == (40, SYNTHETIC_ID_OFFSET)
+    assert persons == (40, result.id_offset)
     orphans = con.execute(
         "SELECT count(*) FROM condition_occurrence c ANTI JOIN person p USING (person_id)"
     ).fetchall()[0][0]
@@ -185,6 +186,10 @@ def test_generate_refuses_an_existing_folder(model_dir: Path, tmp_path: Path) ->
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError, match="--resume"):
         generate(model_dir, 2, tmp_path / "out", progress=False)
+
+
+def _id_offset(out: Path) -> int:
+    return json.loads((out / "generate_summary.json").read_text())["id_offset"]
 
 
 def _cli(*args: str) -> list[str]:
@@ -219,7 +224,7 @@ def test_interrupted_run_resumes(model_dir: Path, tmp_path: Path) -> None:
     assert done, "no chunk finished before the kill"
     subprocess.run(_cli(*args, "--resume"), check=True)
     subjects = _meds_subjects(out / "meds")
-    assert sorted(subjects) == [SYNTHETIC_ID_OFFSET + i for i in range(240)]
+    assert sorted(subjects) == [_id_offset(out) + i for i in range(240)]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
@@ -247,7 +252,7 @@ def test_two_processes_split_the_work(model_dir: Path, tmp_path: Path) -> None:
     ]
     subprocess.run(cmd, check=True, timeout=600)
     subjects = _meds_subjects(out / "meds")
-    assert sorted(subjects) == [SYNTHETIC_ID_OFFSET + i for i in range(30)]
+    assert sorted(subjects) == [_id_offset(out) + i for i in range(30)]
 
 
 # -- whole lives: window shifts past the context (docs/method.md section 8) ---------------

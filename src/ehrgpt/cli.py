@@ -260,6 +260,13 @@ def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool)
 @click.option("--age", default=None, help="Age at the first visit: 65 or a range 60-70.")
 @click.option("--gender", default=None, help="F, M, or a GENDER/<concept_id> code.")
 @click.option("--no-grammar", is_flag=True, help="Sample without the timeline grammar.")
+@click.option(
+    "--id-offset",
+    type=int,
+    default=None,
+    help="First synthetic person id (default: above the largest id of the training data and "
+    "of the OMOP target, below 2**31).",
+)
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace --out.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -280,6 +287,7 @@ def generate_cmd(
     age: str | None,
     gender: str | None,
     no_grammar: bool,
+    id_offset: int | None,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -312,6 +320,7 @@ def generate_cmd(
         year=year,
         age=age,
         gender=gender,
+        id_offset=id_offset,
         resume=resume,
         overwrite=overwrite,
         progress=not no_progress,

@@ -33,6 +33,7 @@ from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.util import atomic
 from ehrgpt.util.progress import track
+from ehrgpt.util.urls import mask_url
 
 TOKENIZED = "tokenized"
 
@@ -144,7 +145,7 @@ def prepare(
             tmp / "config.json",
             {
                 "command": "prepare",
-                "source": str(source),
+                "source": mask_url(str(source)),  # never a password (README, prepare)
                 "out": str(out),
                 "att_scheme": att_scheme,
                 "min_prevalence": min_prevalence,
@@ -218,7 +219,9 @@ def _prepare_into(
 
     train = [p for p in meds.shards if p.parent.name == "train"]
     if not train:
-        raise EhrgptError(f"No training subjects in {source}: the split left the train set empty.")
+        raise EhrgptError(
+            f"No training subjects in {mask_url(str(source))}: the split left the train set empty."
+        )
     tokenizer, n_added = fit_tokenizer(
         train,
         att_scheme=att_scheme,

@@ -15,7 +15,7 @@ from typing import IO
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop.schema import CDM_TABLES, SEQUENCE_ID_COLUMNS
+from ehrgpt.sinks.omop.schema import CDM_TABLES, ID_COLUMNS, SEQUENCE_ID_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,26 @@ class Backend:
         """The largest id of the shared sequence in the target (-1 when it has none)."""
         raise NotImplementedError
 
+    def max_person_id(self) -> int:
+        """The largest person id in the target (-1 when it has none)."""
+        raise NotImplementedError
+
     def person_ids(self, at_least: int) -> list[int]:
         """The person ids in the target from ``at_least`` up."""
         raise NotImplementedError
+
+    def has_vocabulary(self) -> bool:
+        """Whether the target's ``concept`` table holds any row."""
+        raise NotImplementedError
+
+    def id_types(self) -> dict[tuple[str, str], str]:
+        """(table, column) -> SQL type of the id columns ehrgpt writes (ours: CDM_TABLES)."""
+        return {
+            (table, c.name): c.type
+            for table, cols in ID_COLUMNS.items()
+            for c in CDM_TABLES[table]
+            if c.name in cols
+        }
 
     def existing_persons(self, ids: list[int]) -> set[int]:
         """Those of ``ids`` that are person ids in the target."""
@@ -77,6 +94,12 @@ class SqlBackend(Backend):
 
     def max_id(self) -> int:
         return max(self.largest(t, col) for t, col in SEQUENCE_ID_COLUMNS.items())
+
+    def max_person_id(self) -> int:
+        return self.largest("person", "person_id")
+
+    def has_vocabulary(self) -> bool:
+        return self.largest("concept", "concept_id") >= 0
 
     def existing_persons(self, ids: list[int]) -> set[int]:
         return self.existing("person", "person_id", ids)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import polars as pl
 
 from ehrgpt.errors import SinkError
 from ehrgpt.sinks.omop.backends.base import SqlBackend, ddl, fit_columns
-from ehrgpt.sinks.omop.schema import CDM_TABLES
+from ehrgpt.sinks.omop.schema import CDM_TABLES, ID_COLUMNS
 
 __all__ = ["DuckDbBackend"]
 
@@ -29,19 +30,48 @@ class DuckDbBackend(SqlBackend):
                 "process has it open."
             ) from None
         self.description = f"DuckDB {path}"
+        try:
+            with self._errors("create the CDM tables"):
+                self._open()
+        except BaseException:
+            self.con.close()
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn a DuckDB error into one :class:`SinkError` sentence."""
+        import duckdb
+
+        try:
+            yield
+        except duckdb.Error as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+            raise SinkError(f"Cannot {doing} in {self.description}: {first}.") from None
+
+    def _open(self) -> None:
         for table in CDM_TABLES:
             self.con.execute(ddl(table, table, "duckdb")).fetchall()
-        self.columns = {
-            table: [
-                str(r[0]).lower()
+        self.types: dict[str, dict[str, str]] = {
+            table: {
+                str(r[0]).lower(): str(r[1])
                 for r in self.con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE "
+                    "SELECT column_name, data_type FROM information_schema.columns WHERE "
                     "lower(table_name) = ? AND table_schema = current_schema() "
                     "ORDER BY ordinal_position",
                     [table],
                 ).fetchall()
-            ]
+            }
             for table in CDM_TABLES
+        }
+        self.columns = {table: list(types) for table, types in self.types.items()}
+
+    def id_types(self) -> dict[tuple[str, str], str]:
+        return {
+            (table, col): self.types[table][col]
+            for table, cols in ID_COLUMNS.items()
+            for col in cols
+            if col in self.types[table]
         }
 
     def largest(self, table: str, col: str) -> int:
@@ -70,22 +100,25 @@ class DuckDbBackend(SqlBackend):
         return [int(r[0]) for r in rows]
 
     def write_chunk(self, tables: Mapping[str, pl.DataFrame], next_id: int) -> None:
-        self.con.begin()
-        try:
-            for table, frame in tables.items():
-                if not frame.height:
-                    continue
-                part = fit_columns(frame, self.columns[table], table)
-                self.con.register("_chunk", part.to_arrow())
-                cols = ", ".join(part.columns)
-                self.con.execute(
-                    f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _chunk"
-                ).fetchall()
-                self.con.unregister("_chunk")
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
+        parts = {
+            table: fit_columns(frame, self.columns[table], table)
+            for table, frame in tables.items()
+            if frame.height
+        }
+        with self._errors("write a chunk (nothing of it was kept)"):
+            self.con.begin()
+            try:
+                for table, part in parts.items():
+                    self.con.register("_chunk", part.to_arrow())
+                    cols = ", ".join(part.columns)
+                    self.con.execute(
+                        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _chunk"
+                    ).fetchall()
+                    self.con.unregister("_chunk")
+                self.con.commit()
+            except BaseException:
+                self.con.rollback()
+                raise
 
     def close(self) -> None:
         self.con.close()
