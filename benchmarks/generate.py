@@ -17,7 +17,9 @@ the hardware line (fp32 matmul peak) and the FLOP rate reached. Then the cost of
 the context less the prompt (no shift possible) against a budget of 4 contexts (patients that
 go on past the context are shifted: their recent visits re-prefilled behind a rebuilt prompt);
 tokens per second of each, shifts, re-prefilled tokens and the share of time spent in shifts.
-A random model rarely closes a visit, so give a trained ``--model`` for this part. Then, with
+A random model rarely closes a visit; without ``--model`` this part gives the random model an
+output bias that closes visits often and never ends a record (so every patient runs the whole
+budget: the cost of shifts depends on sizes, not on what the weights learned). Then, with
 ``--memory``, peak RSS of ``ehrgpt generate`` runs of growing size (flat is the target: output
 streams to disk).
 
@@ -86,6 +88,23 @@ def _hf_generate(model, prompts: list[list[int]], batch: int, max_new: int, end:
     return new_tokens, seqs
 
 
+def _steered(model, tok):
+    """A copy of a random model whose output bias never ends a record (no ``[END]``, no death)
+    and closes visits often (``[VE]``, discharges), so its patients run past the context."""
+    import copy
+
+    model = copy.deepcopy(model)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[[tok.token_to_id["[END]"], tok.token_to_id["[DEATH]"]]] = -1e4
+        closing = [i for i, t in enumerate(tok.tokens) if t == "[VE]" or t.startswith("DISCHARGE/")]
+        head.bias[closing] = 7.5
+    model.lm_head = head
+    return model
+
+
 def _shift_cost(model, tok, prompts: list[list[int]], batch: int) -> list[dict]:
     """Tokens per second without window shifts (budget: the context less the prompt) and with
     them (budget: 4 contexts), same model and prompts."""
@@ -144,7 +163,8 @@ def main() -> None:
     peak = measure_matmul_peak_gflops()
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     if args.shifts_only:
-        shifts = _shift_cost(model, tok, prompts[: args.shift_n], args.batch)
+        shift_model = model if args.model else _steered(model, tok)
+        shifts = _shift_cost(shift_model, tok, prompts[: args.shift_n], args.batch)
         print(f"hardware: {device}; model {model_dir}; {len(prompts[: args.shift_n])} patients")
         print_table([list(r.values()) for r in shifts], list(shifts[0].keys()))
         out = RESULTS.with_name("generate_shifts.json")
@@ -206,7 +226,10 @@ def main() -> None:
         f"(target 3x); ehrgpt valid patients {rows[1]['valid_share']:.1%} (target 99.5%)"
     )
 
-    shifts = _shift_cost(model, tok, prompts[: args.shift_n], args.batch) if args.shift_n else []
+    shift_model = model if args.model else _steered(model, tok)
+    shifts = (
+        _shift_cost(shift_model, tok, prompts[: args.shift_n], args.batch) if args.shift_n else []
+    )
     if shifts:
         print_table([list(r.values()) for r in shifts], list(shifts[0].keys()))
 
