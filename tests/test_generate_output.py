@@ -104,7 +104,8 @@ def test_generate_into_a_cdm54_postgres_schema(
 
     def run(out: str, *extra: str):
         args = ["generate", "--model", str(model_dir), "--n", "8", "--out", str(tmp_path / out)]
-        args += ["--format", url, "--prompts-from", str(eunomia_run), "--max-tokens-per-patient", "100"]
+        args += ["--format", url, "--prompts-from", str(eunomia_run)]
+        args += ["--max-tokens-per-patient", "100"]
         return CliRunner().invoke(main, [*args, "--no-progress", *extra])
 
     ok = run("ok")

@@ -25,7 +25,7 @@ from ehrgpt.generation.engine import Engine, SamplingConfig
 from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics, history_prompt
 from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
 from ehrgpt.pipelines.generate import generate, load_model
-from ehrgpt.tokenizer.decode import DecodeError, decode_ids
+from ehrgpt.tokenizer.decode import MAX_VISIT_DAYS, DecodeError, decode_ids
 from ehrgpt.tokenizer.vocab import VE, VS, EhrTokenizer
 
 
@@ -136,6 +136,43 @@ def test_conditional_continuation_keeps_the_history(model_dir: Path, records: pl
         assert g.token_ids[: len(history)] == history
         timeline = decode_ids(g.token_ids, tok, first_day=row["first_day"])
         assert timeline.visits[0].start.toordinal() - 719163 == row["first_day"]
+
+
+def test_a_refused_prompt_is_counted_not_the_end_of_the_batch(
+    model_dir: Path, records: pl.DataFrame
+) -> None:
+    # A history whose visit type is [OOV] (as tokenizers before per-class UNKNOWN tokens wrote
+    # for an unseen visit concept) and an id outside the vocabulary, among good prompts.
+    model, tok = load_model(model_dir)
+    good = [ids[:4] for ids in records["input_ids"].to_list()[:6]]
+    vs, ve, oov = (tok.token_to_id[t] for t in ("[VS]", "[VE]", "[OOV]"))
+    prompts = [good[0], [*good[0], vs, oov, ve], *good[1:], [*good[1], len(tok) + 5]]
+    cfg = SamplingConfig(max_tokens_per_patient=30)
+    engine = Engine(model, tok, batch_size=3)
+    outs = {g.index: g for g in engine.generate(prompts, cfg, seed=0)}
+    assert sorted(outs) == list(range(len(prompts)))
+    refused = {i for i, g in outs.items() if g.finish == "refused"}
+    assert refused == {1, len(prompts) - 1} and engine.stats.refused_prompts == 2
+    assert "[OOV]" in outs[1].reason and "position 5" in outs[1].reason
+    for i in set(outs) - refused:
+        decode_ids(outs[i].token_ids, tok, first_day=0)
+
+
+def test_time_tokens_stay_within_the_day_budget(model_dir: Path, records: pl.DataFrame) -> None:
+    # Random weights sample gaps of years; the budgets keep every record within its days, and
+    # every visit within MAX_VISIT_DAYS.
+    model, tok = load_model(model_dir)
+    prompts = [ids[:4] for ids in records["input_ids"].to_list()[:32]]
+    budgets = [0, 30, 400, 5000] * 8
+    cfg = SamplingConfig(max_tokens_per_patient=150)
+    spans = []
+    for g in Engine(model, tok, batch_size=16).generate(prompts, cfg, seed=2, day_budgets=budgets):
+        tl = decode_ids(g.token_ids, tok, first_day=0)
+        last = max([v.end for v in tl.visits] + ([tl.death] if tl.death else []))
+        spans.append((last - tl.visits[0].start).days)
+        assert spans[-1] <= budgets[g.index]
+        assert all((v.end - v.start).days <= MAX_VISIT_DAYS for v in tl.visits)
+    assert max(spans) > 400  # the budget is used, not just zero
 
 
 def _meds_subjects(meds_dir: Path) -> list[int]:

@@ -3,9 +3,11 @@
 Patients are generated in chunks: each chunk's prompts go through the
 :class:`~ehrgpt.generation.engine.Engine`, each sequence is decoded
 (:func:`~ehrgpt.tokenizer.decode.decode_ids`; a random day of the prompt's year starts the
-timeline), and the MEDS rows are appended to ``OUT/meds`` by a streaming
-:class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many patients are asked
-for. Sequences that do not decode are counted by reason and not written.
+timeline; :func:`~ehrgpt.tokenizer.decode.check_plausible` rejects impossible dates and ages;
+numeric values are drawn inside their bin), and the MEDS rows are appended to ``OUT/meds``
+by a streaming :class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many
+patients are asked for. Sequences that do not decode or are not plausible, and prompts the
+grammar refuses, are counted by reason and not written.
 
 Identifiers. Synthetic subject ids (and OMOP person ids) are ``id_offset + i`` for patient
 ``i``. By default ``id_offset`` is one above the largest person id of the training data and of
@@ -47,7 +49,13 @@ from ehrgpt.meds_format.dataset import OMOP_CONCEPTS_FILE
 from ehrgpt.sinks.meds import MedsWriter, renumber_visits
 from ehrgpt.sinks.omop.events import with_omop_tables
 from ehrgpt.sinks.omop.schema import INT32_MAX
-from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
+from ehrgpt.tokenizer.decode import (
+    DecodeError,
+    check_plausible,
+    day_budget,
+    decode_ids,
+    timeline_to_meds,
+)
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
 from ehrgpt.util import atomic
@@ -290,22 +298,29 @@ def _generate(
     ):
         frames = []
         results = engine.generate(
-            [prompts[i] for i in chunk], sampling, seed=seed * 1_000_003 + chunk[0]
+            [prompts[i] for i in chunk],
+            sampling,
+            seed=seed * 1_000_003 + chunk[0],
+            day_budgets=[_day_budget(prompts[i], tok) for i in chunk],
         )
         for res in results:
             endings[res.finish] += 1
             shifted += res.shifts > 0
             i = chunk[res.index]
+            if res.finish == "refused":
+                rejected["prompt refused by the grammar"] += 1
+                continue
             rng = np.random.default_rng([seed, i])
             try:
                 timeline = decode_ids(res.token_ids, tok, rng=rng)
+                check_plausible(timeline, tok)
             except DecodeError as exc:
                 rejected[exc.reason] += 1
                 continue
             except (OverflowError, ValueError):  # dates beyond the calendar
                 rejected["date out of range"] += 1
                 continue
-            frames.append(timeline_to_meds(timeline, tok, id_offset + i))
+            frames.append(timeline_to_meds(timeline, tok, id_offset + i, rng=rng))
         if frames:
             writer.write(with_omop_tables(pl.concat(frames), codes))
         writer.flush()
@@ -383,9 +398,9 @@ def _id_plan(
                 "offset (or without --id-offset), or start over with --overwrite."
             )
         return plan
-    saved = Path(model_dir) / DATA_IDS_FILE
-    if saved.exists():
-        ids = atomic.read_json(saved)
+    data_ids = Path(model_dir) / DATA_IDS_FILE
+    if data_ids.exists():
+        ids = atomic.read_json(data_ids)
         training = (int(ids["max_subject_id"]), int(ids["max_visit_id"]))
     else:
         training = training_max_ids(data_dir)
@@ -431,6 +446,12 @@ def _id_plan(
             writer.close()
     atomic.write_json(saved, asdict(plan))
     return plan
+
+
+def _day_budget(prompt: list[int], tok: EhrTokenizer) -> int:
+    """The day budget of a demographic prompt (``year:Y age:A ...``)."""
+    year, age = tok.tokens[prompt[0]], tok.tokens[prompt[1]]
+    return day_budget(int(year[5:]), int(age[4:]) if age[4:].isdigit() else None, tok)
 
 
 def _codes(model_dir: Path, data_dir: Path | None, tok: EhrTokenizer) -> pl.DataFrame:

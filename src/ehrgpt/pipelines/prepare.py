@@ -259,6 +259,13 @@ def _prepare_into(
         f"records under {MIN_PRETRAIN_TOKENS} tokens (not for pretraining)": stats.short_records,
         "out-of-vocabulary tokens ([OOV])": stats.oov_tokens,
         "distinct out-of-vocabulary codes": len(stats.oov_codes),
+        **{
+            f"{cls.split('/')[0].lower()} codes outside the vocabulary ({cls})": n
+            for cls, n in stats.summary()["unknown_structure"].items()
+        },
+        "static codes left out (ETHNICITY/...)": stats.static_codes_left_out,
+        "deaths (MEDS_DEATH or discharge to death)": stats.deaths,
+        "visits after a discharge to death (left out)": stats.visits_after_death_left_out,
         "numeric values as bin tokens": stats.values_binned,
         "numeric values without bins (< 40 values)": stats.values_without_bins,
         "events moved to their visit start": stats.events_moved_to_visit_start,
