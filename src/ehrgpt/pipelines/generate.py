@@ -304,12 +304,12 @@ def _generate(
             day_budgets=[_day_budget(prompts[i], tok) for i in chunk],
         )
         for res in results:
-            endings[res.finish] += 1
-            shifted += res.shifts > 0
             i = chunk[res.index]
             if res.finish == "refused":
                 rejected["prompt refused by the grammar"] += 1
                 continue
+            endings[res.finish] += 1
+            shifted += res.shifts > 0
             rng = np.random.default_rng([seed, i])
             try:
                 timeline = decode_ids(res.token_ids, tok, rng=rng)
