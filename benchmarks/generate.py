@@ -99,7 +99,11 @@ def _steered(model, tok):
     with torch.no_grad():
         head.bias.zero_()
         head.bias[[tok.token_to_id["[END]"], tok.token_to_id["[DEATH]"]]] = -1e4
-        closing = [i for i, t in enumerate(tok.tokens) if t == "[VE]" or t.startswith("DISCHARGE/")]
+        closing = [
+            i
+            for i, t in enumerate(tok.tokens)
+            if t == "[VE]" or (t.startswith("DISCHARGE/") and t != "DISCHARGE/4216643")  # death
+        ]
         head.bias[closing] = 7.5
     model.lm_head = head
     return model
