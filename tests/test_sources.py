@@ -1,7 +1,7 @@
 """Every kind of source gives the MEDS data it should: CSV, parquet, PostgreSQL, MEDS folders.
 
 Also: what ehrgpt writes is valid MEDS 0.4, and the data-quality report of Eunomia states what
-SPEC section 11 measured.
+Eunomia's known counts measured.
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def test_eunomia_meds_output_is_valid_meds(eunomia_run: Path) -> None:
         assert codes.filter(pl.col("code") == code)["omop_concept_id"].item() == concept_id
 
 
-# -- data quality on Eunomia (SPEC section 11) -----------------------------------------------
+# -- data quality on Eunomia (its known counts) ---------------------------------------------
 
 
 def test_eunomia_data_quality(eunomia_run: Path) -> None:
@@ -372,7 +372,7 @@ def test_eunomia_data_quality(eunomia_run: Path) -> None:
     assert report["patients"]["kept"] == 2694
     assert tables["person"]["read"] == tables["person"]["used"] == 2694
 
-    # the event tables as SPEC measures them (rows read)
+    # the event tables as Eunomia is known to hold them (rows read)
     for table, approx in (
         ("condition_occurrence", 65_000),
         ("drug_exposure", 68_000),
@@ -503,7 +503,7 @@ def test_visit_ending_before_its_start_is_repaired_and_keeps_its_type(tmp_path: 
     assert report["visits"]["  end before start: end set to start"] == 1
 
 
-# -- date-only events at the end of their day (SPEC section 10) ------------------------------
+# -- date-only events at the end of their day (docs/method.md section 1) -------------------
 
 
 def test_date_only_events_come_after_their_visit_start(eunomia_run: Path) -> None:

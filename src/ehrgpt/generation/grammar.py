@@ -1,4 +1,5 @@
-"""A batched automaton of the timeline grammar, for constrained sampling (SPEC sections 1, 6).
+"""A batched automaton of the timeline grammar, for constrained sampling (docs/method.md
+sections 2 and 8).
 
 Every token id gets a small *class* (year, age, visit type, clinical code, short time token,
 ...); the automaton has a few dozen states and a transition table ``[state, class]``. A batch

@@ -1,6 +1,7 @@
 """The ehrgpt decoder and its pretraining heads (Hugging Face single-model-file style).
 
-A decoder-only transformer over patient timelines, with four heads trained together (SPEC 5):
+A decoder-only transformer over patient timelines, with four heads trained together
+(docs/method.md section 7):
 
 1. next token: cross-entropy over the vocabulary;
 2. time decomposition: where the next token starts an ATT, its (years, months, days) parts,
@@ -97,7 +98,7 @@ GAP_PRIOR_DAYS = 100.0
 
 #: The loss terms: each is a sum over the positions that have its target, divided by their
 #: number. The three time parts are each a mean of their own; their sum is the
-#: ``time_decomposition`` loss of SPEC 5.
+#: ``time_decomposition`` loss of docs/method.md section 7.
 LOSS_TERMS = ("next_token", "time_year", "time_month", "time_day", "time_to_visit", "value")
 #: The forward argument that holds each term's target.
 TERM_TARGETS = {
@@ -607,7 +608,7 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel, GenerationMixin):
         out.loss_sums = sums
         losses = {k: sums[k].detach() / counts[k].clamp(min=1) for k in sums}
         parts = [k for k in TIME_PARTS if k in sums]
-        if parts:  # a sum of three means, as in SPEC 5
+        if parts:  # a sum of three means, docs/method.md section 7
             losses["time_decomposition"] = sum(losses[k] for k in parts)
             counts["time_decomposition"] = counts[parts[0]]
         out.losses = losses

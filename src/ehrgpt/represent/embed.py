@@ -1,7 +1,7 @@
 """Patient embeddings: one vector per history, from the pretrained decoder's last hidden layer.
 
 Two poolings, both over tokens that pretraining saw (no appended ``[LINEAR_PROB]`` token, whose
-embedding the reference never trains, SPEC section 8):
+embedding the reference never trains, docs/method.md section 10):
 
 - ``last``: the hidden state of the history's last token (it has attended to all of it);
 - ``mean``: the mean hidden state over the history's tokens.

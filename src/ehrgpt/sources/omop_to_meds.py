@@ -46,7 +46,7 @@ from ehrgpt.util.sql import sql_str
 
 #: Visit concept given to visits rebuilt from a visit id that visit_occurrence lacks.
 REBUILT_VISIT_CONCEPT = 9202
-#: Time of day given to date-only events (meds_etl's convention, SPEC section 10).
+#: Time of day given to date-only events (meds_etl's convention, docs/method.md section 1).
 DAY_END = f"INTERVAL '{mc.END_OF_DAY.isoformat()}'"
 #: Visit counts a MEDS input shares with the OMOP path (data_quality.json, "visits").
 UNATTACHED = "events without a usable visit id"

@@ -54,7 +54,7 @@ __all__ = [
 #: Seconds psycopg waits for a server before giving up (a URL to a dead host fails fast).
 CONNECT_TIMEOUT_S = 5
 
-#: The OMOP tables ehrgpt reads (SPEC section 10), loaded by default into PostgreSQL.
+#: The OMOP tables ehrgpt reads (docs/method.md section 1), loaded by default into PostgreSQL.
 DEFAULT_OMOP_TABLES: tuple[str, ...] = (
     "person",
     "visit_occurrence",

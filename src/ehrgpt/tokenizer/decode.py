@@ -1,6 +1,6 @@
 """Token sequence -> timeline -> MEDS rows with dates: the inverse of :mod:`encode`.
 
-Decoding walks the grammar of SPEC section 1 with a date cursor. The first visit starts on
+Decoding walks the grammar of docs/method.md section 2 with a date cursor. The first visit starts on
 ``first_day`` when it is known (a real patient's history) or on a random day of the prompt's
 year, up to the training data's last date (a generated patient); ATT tokens and day tokens
 move the cursor. Every violation of the grammar raises :class:`DecodeError` with a short

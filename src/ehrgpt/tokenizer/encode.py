@@ -1,6 +1,6 @@
 """MEDS shard -> token ids per subject, vectorised in polars (no Python loop over events).
 
-For each subject (SPEC section 1)::
+For each subject (docs/method.md section 2)::
 
     year:Y age:A GENDER/g RACE/r                       prompt, at the first visit
     [VS] VISIT/t  (i-D<n>) code (VAL:Qb) (VAL:c) ... (i-D<n>) (DISCHARGE/x) [VE]

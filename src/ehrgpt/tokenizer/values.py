@@ -1,6 +1,6 @@
 """Numeric values as bin tokens: per (code, unit), 10 equal-count bins of the trimmed values.
 
-Fitting follows SPEC section 2: a uniform sample of at most 10,000 values per (code, unit)
+Fitting follows docs/method.md section 4: a uniform sample of at most 10,000 values per (code, unit)
 (merged across shards with weights), values beyond 3 standard deviations trimmed, the 10%..90%
 quantiles as bin edges, and at least 40 values needed to bin at all. Each bin keeps its
 lowest, middle and highest value, and 11 quantiles (0%, 10%, ..., 100% of the values inside

@@ -7,8 +7,9 @@ implements its id and person/concept queries for SQL databases on two primitives
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -82,7 +83,28 @@ class Backend:
 
 
 class SqlBackend(Backend):
-    """A SQL database: the queries of :class:`Backend` from ``largest`` and ``existing``."""
+    """A SQL database: the queries of :class:`Backend` from ``largest`` and ``existing``.
+
+    Subclasses set ``description`` (what the target is, credentials masked) and
+    ``driver_error`` (the driver's base exception class), and may mask messages further in
+    :meth:`_mask`.
+    """
+
+    description: str = ""
+    driver_error: type[BaseException] = Exception
+
+    def _mask(self, message: str) -> str:
+        return message
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn a database error into one :class:`SinkError` sentence."""
+        try:
+            yield
+        except self.driver_error as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+            raise SinkError(self._mask(f"Cannot {doing} in {self.description}: {first}.")) from None
 
     def largest(self, table: str, col: str) -> int:
         """The largest value of ``table.col`` (-1 when the table is empty or lacks ``col``)."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import polars as pl
@@ -30,24 +29,13 @@ class DuckDbBackend(SqlBackend):
                 "process has it open."
             ) from None
         self.description = f"DuckDB {path}"
+        self.driver_error = duckdb.Error
         try:
             with self._errors("create the CDM tables"):
                 self._open()
         except BaseException:
             self.con.close()
             raise
-
-    @contextlib.contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        """Turn a DuckDB error into one :class:`SinkError` sentence."""
-        import duckdb
-
-        try:
-            yield
-        except duckdb.Error as exc:
-            text = str(exc).strip()
-            first = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-            raise SinkError(f"Cannot {doing} in {self.description}: {first}.") from None
 
     def _open(self) -> None:
         for table in CDM_TABLES:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import polars as pl
@@ -26,6 +26,7 @@ class PostgresBackend(SqlBackend):
     """The CDM tables of a PostgreSQL schema (created if missing), one transaction a chunk."""
 
     def __init__(self, url: str) -> None:
+        import psycopg
         from psycopg import sql
 
         from ehrgpt.sources.postgres import connect, parse_postgres_url
@@ -34,6 +35,7 @@ class PostgresBackend(SqlBackend):
         self._url = url
         self.target = parse_postgres_url(url)
         self.description = f"PostgreSQL {self.target.masked_url}"
+        self.driver_error = psycopg.Error
         self._stack = contextlib.ExitStack()
         self.conn = self._stack.enter_context(connect(self.target, autocommit=True))
         try:
@@ -43,19 +45,8 @@ class PostgresBackend(SqlBackend):
             self._stack.close()
             raise
 
-    @contextlib.contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        """Turn a database error into one :class:`SinkError` sentence (credentials masked)."""
-        import psycopg
-
-        try:
-            yield
-        except psycopg.Error as exc:
-            text = str(exc).strip()
-            first = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-            raise SinkError(
-                mask_secrets(f"Cannot {doing} in {self.description}: {first}.", self._url)
-            ) from None
+    def _mask(self, message: str) -> str:
+        return mask_secrets(message, self._url)
 
     def _open(self) -> None:
         sql = self.sql
