@@ -133,7 +133,7 @@ def discriminator_auroc(
     s = synthetic[rng.choice(synthetic.shape[0], n, replace=False)]
     x = sp.vstack([r, s]).tocsr()
     y = np.r_[np.ones(n), np.zeros(n)]
-    model = LogisticRegression(max_iter=2000, C=1.0)
+    model = LogisticRegression(solver="liblinear", max_iter=1000, C=1.0)
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     proba = cross_val_predict(model, x, y, cv=cv, method="predict_proba")[:, 1]
     return float(roc_auc_score(y, proba))
@@ -173,7 +173,14 @@ def _numeric(name: str, unit: str, real, syn) -> Distribution:
     syn = np.asarray(syn, float)
     real, syn = real[np.isfinite(real)], syn[np.isfinite(syn)]
     return Distribution(
-        name, unit, "numeric", real, syn, "Wasserstein", wasserstein(real, syn), ks_statistic(real, syn)
+        name,
+        unit,
+        "numeric",
+        real,
+        syn,
+        "Wasserstein",
+        wasserstein(real, syn),
+        ks_statistic(real, syn),
     )
 
 
@@ -200,7 +207,12 @@ def distributions(real: Cohort, syn: Cohort, *, max_labs: int = 4) -> list[Distr
     rs, ss = _shares(real.visits["type"]), _shares(syn.visits["type"])
     out.append(
         Distribution(
-            "visit types", "share of visits", "categorical", rs, ss, "total variation",
+            "visit types",
+            "share of visits",
+            "categorical",
+            rs,
+            ss,
+            "total variation",
             total_variation(rs, ss),
         )
     )
@@ -222,7 +234,9 @@ def distributions(real: Cohort, syn: Cohort, *, max_labs: int = 4) -> list[Distr
         )
     )
     labs = (
-        real.events.filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
+        real.events.filter(
+            pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite()
+        )
         .group_by("code")
         .len()
         .sort(["len", "code"], descending=[True, False])

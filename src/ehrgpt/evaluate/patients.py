@@ -344,3 +344,89 @@ def code_matrix(
         ),
         shape=(len(subject_ids), len(index)),
     )
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def _is_meds(folder: Path) -> bool:
+    return (folder / "data").is_dir() and any((folder / "data").rglob("*.parquet"))
+
+
+def _has_person_table(folder: Path) -> bool:
+    return any(
+        p.name.lower().split(".")[0] == "person"
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+    )
+
+
+def real_splits(run: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """The MEDS folder of a prepared run (``RUN/meds``) or a MEDS folder, and its shards by
+    split (``data/<split>/*.parquet``).
+
+    >>> import tempfile
+    >>> real_splits(Path(tempfile.mkdtemp()))
+    Traceback (most recent call last):
+    ...
+    ehrgpt.errors.EhrgptError: ...
+    """
+    run = Path(run)
+    meds_dir = run / "meds" if _is_meds(run / "meds") else run
+    if not _is_meds(meds_dir):
+        raise EhrgptError(
+            f"--real {run} is neither a prepared run (RUN/meds) nor a MEDS folder with "
+            "data/<split>/*.parquet; run `ehrgpt prepare` first."
+        )
+    splits: dict[str, list[Path]] = {}
+    for shard in sorted((meds_dir / "data").rglob("*.parquet")):
+        split = shard.relative_to(meds_dir / "data").parts[0]
+        splits.setdefault(split if split != shard.name else "train", []).append(shard)
+    return meds_dir, splits
+
+
+def synthetic_meds(path: Path, work_dir: Path, *, progress: bool = False) -> Path:
+    """The MEDS folder of synthetic patients given as ``ehrgpt generate`` output (``S/meds``),
+    a MEDS folder, or an OMOP CDM (a DuckDB file, or a folder of CSV / parquet tables with a
+    person table), which is converted with the project's OMOP -> MEDS code into ``work_dir``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EhrgptError(f"--synthetic {path} does not exist.")
+    if path.is_dir():
+        for candidate in (path / "meds", path):
+            if _is_meds(candidate):
+                return candidate
+        if _has_person_table(path):
+            return _omop_to_meds(path, work_dir, progress)
+        for name in ("omop.duckdb", "cdm.duckdb"):
+            if (path / name).is_file():
+                return _omop_to_meds(path / name, work_dir, progress)
+        raise EhrgptError(
+            f"--synthetic {path} is neither a MEDS folder (data/**/*.parquet), ehrgpt generate "
+            "output (with meds/), nor an OMOP CDM folder with a person table; point it at one "
+            "of those."
+        )
+    return _omop_to_meds(path, work_dir, progress)
+
+
+def _omop_to_meds(source: Path, work_dir: Path, progress: bool) -> Path:
+    from ehrgpt.quality import QualityReport
+    from ehrgpt.sources.omop import open_omop
+    from ehrgpt.sources.omop_to_meds import omop_to_meds
+
+    staging = work_dir / "staging"
+    try:
+        db = open_omop(str(source), staging)
+    except Exception as exc:
+        if isinstance(exc, EhrgptError):
+            raise
+        raise EhrgptError(
+            f"--synthetic {source} cannot be read as an OMOP CDM DuckDB file ({exc}); give a "
+            "MEDS folder, ehrgpt generate output or an OMOP CDM."
+        ) from None
+    try:
+        omop_to_meds(db, work_dir / "meds", staging, QualityReport(), progress=progress)
+    finally:
+        db.con.close()
+    return work_dir / "meds"

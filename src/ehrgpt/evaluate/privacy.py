@@ -193,9 +193,7 @@ class Membership:
     nonmember_distance: np.ndarray
 
 
-def membership_inference(
-    d_train: np.ndarray, d_held: np.ndarray, *, seed: int = 0
-) -> Membership:
+def membership_inference(d_train: np.ndarray, d_held: np.ndarray, *, seed: int = 0) -> Membership:
     """Members (train) against non-members (held_out) by distance to the closest synthetic
     record: the AUC of ``-distance`` as a membership score (0.5 = no leak), and the
     reference's attack (member when the squared distance is under 5) over at most

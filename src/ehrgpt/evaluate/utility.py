@@ -63,7 +63,9 @@ class Task:
             first.join(outcomes, on="subject_id", how="left")
             .group_by("subject_id", "prediction_time")
             .agg(
-                ((pl.col("time") <= pl.col("prediction_time")).fill_null(False)).any().alias("prior"),
+                ((pl.col("time") <= pl.col("prediction_time")).fill_null(False))
+                .any()
+                .alias("prior"),
                 (
                     (pl.col("time") > pl.col("prediction_time"))
                     & (pl.col("time") <= pl.col("prediction_time") + window)
@@ -89,8 +91,9 @@ BUILTIN_TASKS: dict[str, Task] = {
 def parse_task(text: str) -> Task:
     """A built-in task name or ``OUTCOME@EXPOSURE[,EXPOSURE...][:DAYS]``.
 
-    >>> parse_task("SNOMED/1@RxNorm/2,RxNorm/3:30")
-    Task(name='SNOMED/1@RxNorm/2,RxNorm/3:30', outcome='SNOMED/1', exposures=('RxNorm/2', 'RxNorm/3'), window_days=30)
+    >>> t = parse_task("SNOMED/1@RxNorm/2,RxNorm/3:30")
+    >>> t.outcome, t.exposures, t.window_days
+    ('SNOMED/1', ('RxNorm/2', 'RxNorm/3'), 30)
     """
     if text in BUILTIN_TASKS:
         return BUILTIN_TASKS[text]
@@ -119,8 +122,9 @@ def count_features(
     age = (
         labels.join(ages.select("subject_id", "birth"), on="subject_id", how="left")
         .select(
-            ((pl.col("prediction_time") - pl.col("birth")).dt.total_days() / 365.25 / 100)
-            .fill_null(0.0)
+            (
+                (pl.col("prediction_time") - pl.col("birth")).dt.total_days() / 365.25 / 100
+            ).fill_null(0.0)
         )
         .to_numpy()
         .astype(np.float32)
@@ -165,7 +169,7 @@ def task_auroc(
     if len(set(ytr.tolist())) < 2:
         score.note = f"the training labels have one class only ({len(ytr)} labels)"
         return score
-    model = LogisticRegression(max_iter=2000, C=0.1, random_state=seed)
+    model = LogisticRegression(solver="liblinear", max_iter=1000, C=0.1, random_state=seed)
     model.fit(count_features(train_events, tr, index, train_people), ytr)
     proba = model.predict_proba(count_features(test_events, te, index, test_people))[:, 1]
     score.auroc = float(roc_auc_score(yte, proba))
