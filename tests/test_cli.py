@@ -13,7 +13,7 @@ from ehrgpt import __version__
 from ehrgpt.cli import main
 from tests.helpers.runs import leftovers, read_json
 
-SUBCOMMANDS = ("prepare", "train", "generate", "demo")
+SUBCOMMANDS = ("prepare", "train", "generate", "demo", "evaluate")
 
 
 def test_every_subcommand_is_covered() -> None:

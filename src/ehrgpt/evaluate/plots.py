@@ -21,7 +21,7 @@ _SIZE = (5.2, 3.6)
 
 def _uri(fig) -> str:
     buf = io.BytesIO()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.2)
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -62,6 +62,7 @@ def distribution(d: Distribution, *, max_categories: int = 12) -> str:
                         np.clip(values, lo, hi),
                         bins=bins,
                         density=True,
+                        histtype="stepfilled",
                         alpha=0.5,
                         color=color,
                         label=label,
@@ -74,7 +75,7 @@ def distribution(d: Distribution, *, max_categories: int = 12) -> str:
     return _uri(fig)
 
 
-def distances(member: np.ndarray, nonmember: np.ndarray, syn_self: np.ndarray | None) -> str:
+def distances(member: np.ndarray, nonmember: np.ndarray) -> str:
     """Distance to the closest synthetic record, training against held_out patients."""
     fig, ax = plt.subplots(figsize=_SIZE)
     both = np.concatenate([member, nonmember])
@@ -84,6 +85,7 @@ def distances(member: np.ndarray, nonmember: np.ndarray, syn_self: np.ndarray | 
         np.clip(member, 0, hi),
         bins=bins,
         density=True,
+        histtype="stepfilled",
         alpha=0.5,
         color=REAL,
         label="training (members)",
@@ -92,6 +94,7 @@ def distances(member: np.ndarray, nonmember: np.ndarray, syn_self: np.ndarray | 
         np.clip(nonmember, 0, hi),
         bins=bins,
         density=True,
+        histtype="stepfilled",
         alpha=0.5,
         color=HELD,
         label="held_out (non-members)",

@@ -356,7 +356,7 @@ def render_html(ev) -> str:
         "</ul>",
         '<div class="grid">',
         _figure(
-            plots.distances(mem.member_distance, mem.nonmember_distance, None),
+            plots.distances(mem.member_distance, mem.nonmember_distance),
             "distance to closest synthetic record",
             "Distance from each real patient to the closest synthetic one, training patients "
             "against held_out patients. Good: the two histograms coincide (training patients "
