@@ -224,7 +224,9 @@ def distributions(real: Cohort, syn: Cohort, *, max_labs: int = 4) -> list[Distr
             syn.visits["gap_days"].drop_nulls(),
         )
     )
-    inpatient = pl.col("type").map_elements(mc.is_inpatient_code, return_dtype=pl.Boolean)
+    inpatient = pl.col("type").is_in(
+        [f"{mc.VISIT_PREFIX}{c}" for c in sorted(mc.INPATIENT_VISIT_CONCEPTS)]
+    )
     out.append(
         _numeric(
             "inpatient length of stay",
@@ -279,7 +281,7 @@ def fidelity(
     codes: list[str],
     *,
     top_pairs: int = 100,
-    max_discriminator: int = 20_000,
+    max_discriminator: int = 10_000,
     seed: int = 0,
 ) -> Fidelity:
     """All fidelity figures of synthetic patients against the real training patients.
