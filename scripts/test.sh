@@ -53,6 +53,8 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 
 .venv/bin/python -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+# ACES declares polars<2 but runs on polars 2: installed without its pins (pyproject.toml).
+.venv/bin/python -m pip install -q --no-deps es-aces==0.7.3
 
 lint_paths=(src tests)
 [[ -d benchmarks ]] && lint_paths+=(benchmarks)

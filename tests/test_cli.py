@@ -13,7 +13,18 @@ from ehrgpt import __version__
 from ehrgpt.cli import main
 from tests.helpers.runs import leftovers, read_json
 
-SUBCOMMANDS = ("prepare", "train", "generate", "demo", "evaluate")
+SUBCOMMANDS = (
+    "prepare",
+    "train",
+    "generate",
+    "demo",
+    "labels",
+    "embed",
+    "probe",
+    "baseline",
+    "finetune",
+    "evaluate",
+)
 
 
 def test_every_subcommand_is_covered() -> None:

@@ -124,7 +124,7 @@ def patients(draw, subject_id: int = 1) -> list[tuple]:
         rows.append(
             (
                 subject_id,
-                dt.datetime.combine(death, dt.time()),
+                dt.datetime.combine(death, mc.END_OF_DAY),  # date-only, as prepared MEDS has it
                 mc.DEATH_CODE,
                 None,
                 None,

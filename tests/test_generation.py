@@ -7,6 +7,7 @@ must hold for any weights.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -23,8 +24,8 @@ import torch
 from ehrgpt.generation.engine import Engine, SamplingConfig
 from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics, history_prompt
 from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
-from ehrgpt.pipelines.generate import SYNTHETIC_ID_OFFSET, generate, load_model
-from ehrgpt.tokenizer.decode import DecodeError, decode_ids
+from ehrgpt.pipelines.generate import generate, load_model
+from ehrgpt.tokenizer.decode import MAX_VISIT_DAYS, DecodeError, decode_ids
 from ehrgpt.tokenizer.vocab import VE, VS, EhrTokenizer
 
 
@@ -137,6 +138,43 @@ def test_conditional_continuation_keeps_the_history(model_dir: Path, records: pl
         assert timeline.visits[0].start.toordinal() - 719163 == row["first_day"]
 
 
+def test_a_refused_prompt_is_counted_not_the_end_of_the_batch(
+    model_dir: Path, records: pl.DataFrame
+) -> None:
+    # A history whose visit type is [OOV] (as tokenizers before per-class UNKNOWN tokens wrote
+    # for an unseen visit concept) and an id outside the vocabulary, among good prompts.
+    model, tok = load_model(model_dir)
+    good = [ids[:4] for ids in records["input_ids"].to_list()[:6]]
+    vs, ve, oov = (tok.token_to_id[t] for t in ("[VS]", "[VE]", "[OOV]"))
+    prompts = [good[0], [*good[0], vs, oov, ve], *good[1:], [*good[1], len(tok) + 5]]
+    cfg = SamplingConfig(max_new_tokens=30)
+    engine = Engine(model, tok, batch_size=3)
+    outs = {g.index: g for g in engine.generate(prompts, cfg, seed=0)}
+    assert sorted(outs) == list(range(len(prompts)))
+    refused = {i for i, g in outs.items() if g.finish == "refused"}
+    assert refused == {1, len(prompts) - 1} and engine.stats.refused_prompts == 2
+    assert "[OOV]" in outs[1].reason and "position 5" in outs[1].reason
+    for i in set(outs) - refused:
+        decode_ids(outs[i].token_ids, tok, first_day=0)
+
+
+def test_time_tokens_stay_within_the_day_budget(model_dir: Path, records: pl.DataFrame) -> None:
+    # Random weights sample gaps of years; the budgets keep every record within its days, and
+    # every visit within MAX_VISIT_DAYS.
+    model, tok = load_model(model_dir)
+    prompts = [ids[:4] for ids in records["input_ids"].to_list()[:32]]
+    budgets = [0, 30, 400, 5000] * 8
+    cfg = SamplingConfig(max_new_tokens=150)
+    spans = []
+    for g in Engine(model, tok, batch_size=16).generate(prompts, cfg, seed=2, day_budgets=budgets):
+        tl = decode_ids(g.token_ids, tok, first_day=0)
+        last = max([v.end for v in tl.visits] + ([tl.death] if tl.death else []))
+        spans.append((last - tl.visits[0].start).days)
+        assert spans[-1] <= budgets[g.index]
+        assert all((v.end - v.start).days <= MAX_VISIT_DAYS for v in tl.visits)
+    assert max(spans) > 400  # the budget is used, not just zero
+
+
 def _meds_subjects(meds_dir: Path) -> list[int]:
     return (
         pl.read_parquet(sorted((meds_dir / "data").rglob("*.parquet")))["subject_id"]
@@ -164,10 +202,10 @@ def test_generate_writes_valid_meds_and_omop(model_dir: Path, tmp_path: Path) ->
     for shard in shards:
         meds.DataSchema.validate(pq.read_table(shard))
     subjects = _meds_subjects(out / "meds")
-    assert sorted(subjects) == [SYNTHETIC_ID_OFFSET + i for i in range(40)]
+    assert sorted(subjects) == [result.id_offset + i for i in range(40)]
     con = duckdb.connect(str(out / "omop.duckdb"), read_only=True)
     persons = con.execute("SELECT count(*), min(person_id) FROM person").fetchall()[0]
-    assert persons == (40, SYNTHETIC_ID_OFFSET)
+    assert persons == (40, result.id_offset)
     orphans = con.execute(
         "SELECT count(*) FROM condition_occurrence c ANTI JOIN person p USING (person_id)"
     ).fetchall()[0][0]
@@ -181,6 +219,10 @@ def test_generate_refuses_an_existing_folder(model_dir: Path, tmp_path: Path) ->
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError, match="--resume"):
         generate(model_dir, 2, tmp_path / "out", progress=False)
+
+
+def _id_offset(out: Path) -> int:
+    return json.loads((out / "generate_summary.json").read_text())["id_offset"]
 
 
 def _cli(*args: str) -> list[str]:
@@ -215,7 +257,7 @@ def test_interrupted_run_resumes(model_dir: Path, tmp_path: Path) -> None:
     assert done, "no chunk finished before the kill"
     subprocess.run(_cli(*args, "--resume"), check=True)
     subjects = _meds_subjects(out / "meds")
-    assert sorted(subjects) == [SYNTHETIC_ID_OFFSET + i for i in range(240)]
+    assert sorted(subjects) == [_id_offset(out) + i for i in range(240)]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
@@ -243,4 +285,4 @@ def test_two_processes_split_the_work(model_dir: Path, tmp_path: Path) -> None:
     ]
     subprocess.run(cmd, check=True, timeout=600)
     subjects = _meds_subjects(out / "meds")
-    assert sorted(subjects) == [SYNTHETIC_ID_OFFSET + i for i in range(30)]
+    assert sorted(subjects) == [_id_offset(out) + i for i in range(30)]

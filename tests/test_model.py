@@ -24,6 +24,7 @@ from ehrgpt.model import (
     config_from_preset,
     estimate_flops_per_token,
 )
+from ehrgpt.model.modeling import LOSS_TERMS, count_targets
 from ehrgpt.presets import PRESETS
 from ehrgpt.tokenizer.time_tokens import att_days, att_parts, is_att_token
 from ehrgpt.tokenizer.vocab import EhrTokenizer
@@ -261,6 +262,39 @@ def test_a_loss_without_targets_is_zero_and_keeps_the_graph(model):
     out.loss.backward()
     assert model.value_head.weight.grad is not None  # DDP needs every head in the graph
     model.zero_grad()
+
+
+def test_micro_batches_with_the_step_counts_give_the_batch_gradient():
+    """Each micro-batch's sums over the step's counts add up to the whole batch's loss and
+    gradient, with terms (value, time) spread very unevenly over the micro-batches."""
+    config = small_config(time_to_visit_weight=0.5, value_weight=2.0)
+    rows = [
+        pack([hand_record(12, 20, att_at=(2,), value_at=(1, 3, 5, 7, 9))], 12),
+        pack([hand_record(12, 21, att_at=(1, 4, 6, 8), value_at=())], 12),
+        pack([hand_record(12, 22, att_at=(), value_at=(2,))], 12),
+        pack([hand_record(7, 23, att_at=(3,), value_at=(4,)), hand_record(5, 24)], 12),
+    ]
+    torch.manual_seed(0)
+    whole = EhrGptForCausalLM(config)
+    whole(**stack(rows)).loss.backward()
+    torch.manual_seed(0)
+    split = EhrGptForCausalLM(config)
+    micro = [stack(rows[:1]), stack(rows[1:])]
+    counts = {k: sum(count_targets(b)[k] for b in micro) for k in LOSS_TERMS}
+    assert counts == count_targets(stack(rows))
+    total = 0.0
+    for batch in micro:
+        loss = split.total_loss(split(**batch).loss_sums, counts)
+        loss.backward()
+        total += loss.item()
+    with torch.no_grad():
+        assert total == pytest.approx(whole(**stack(rows)).loss.item(), rel=1e-5)
+    for (name, p), q in zip(whole.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the mean of the micro-batches' means is another, wrong, loss
+    with torch.no_grad():
+        means = sum(split(**b).loss.item() for b in micro) / len(micro)
+    assert abs(means - total) > 0.1
 
 
 # -- packing ------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_export_round_trip(
         header, rows = _csv_rows(path)
         assert header == [h.lower() for h in header]
         assert len(rows) == _duck_count(eunomia, table), table
-    assert not list(tmp_path.glob(".*.part")), "temporary files left behind"
+    assert not list(tmp_path.glob(".*")), "temporary files left behind"
 
     header, rows = _csv_rows(files["person"])
     assert header[0] == "person_id"

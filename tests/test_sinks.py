@@ -16,7 +16,7 @@ import pytest
 
 from ehrgpt.errors import EhrgptError
 from ehrgpt.meds_format import columns as mc
-from ehrgpt.meds_format.dataset import check_shard
+from ehrgpt.meds_format.dataset import OMOP_CONCEPTS_FILE, check_shard
 from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.sinks import MedsWriter, OmopWriter, meds_to_omop
 from ehrgpt.sinks.omop import CDM_TABLES, EVENT_TABLES, SYNTHETIC_ID_OFFSET, polars_type
@@ -54,6 +54,12 @@ def sample(eunomia_run: Path) -> pl.DataFrame:
     ids = rows["subject_id"].unique().sort()
     chosen = ids.gather(np.linspace(0, len(ids) - 1, N_PATIENTS).astype(int))
     return rows.filter(pl.col("subject_id").is_in(chosen.implode()))
+
+
+@pytest.fixture(scope="module")
+def concepts(eunomia_run: Path) -> pl.DataFrame:
+    """The real Eunomia concept rows of the run's codes, as prepare keeps them."""
+    return pl.read_parquet(eunomia_run / "meds" / "metadata" / OMOP_CONCEPTS_FILE)
 
 
 def _halves(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -234,11 +240,13 @@ def test_structure_values_death_and_unknown_domains(codes: pl.DataFrame) -> None
 
 
 def test_round_trip_through_the_omop_reader(
-    sample: pl.DataFrame, codes: pl.DataFrame, tmp_path: Path
+    sample: pl.DataFrame, codes: pl.DataFrame, concepts: pl.DataFrame, tmp_path: Path
 ) -> None:
     """MEDS -> OMOP parquet folder (2 chunks) -> ``prepare`` -> the same events and visits."""
     out = tmp_path / "omop"
-    with OmopWriter(out, fmt="parquet", codes=codes, id_offset=OFFSET) as writer:
+    with OmopWriter(
+        out, fmt="parquet", codes=codes, id_offset=OFFSET, concept_table=concepts
+    ) as writer:
         for chunk in _halves(sample):
             writer.write(chunk)
     assert (out / "person" / "part-000.parquet").exists()
@@ -296,7 +304,11 @@ def test_duckdb_and_csv_targets(sample: pl.DataFrame, codes: pl.DataFrame, tmp_p
 
 @pytest.mark.postgres
 def test_postgres_target_counts_and_keys(
-    sample: pl.DataFrame, codes: pl.DataFrame, postgres_url: str, tmp_path: Path
+    sample: pl.DataFrame,
+    codes: pl.DataFrame,
+    concepts: pl.DataFrame,
+    postgres_url: str,
+    tmp_path: Path,
 ) -> None:
     url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema=synthetic_cdm"
     conninfo = parse_postgres_url(url).conninfo
@@ -304,7 +316,9 @@ def test_postgres_target_counts_and_keys(
         conn.execute("DROP SCHEMA IF EXISTS synthetic_cdm CASCADE")
     first, second = _halves(sample)
     expected = meds_to_omop(sample, codes, id_offset=OFFSET)
-    with OmopWriter(url, codes=codes, id_offset=OFFSET, add_keys=True) as writer:
+    with OmopWriter(
+        url, codes=codes, id_offset=OFFSET, add_keys=True, concept_table=concepts
+    ) as writer:
         writer.write(first)
         writer.write(second)
     with psycopg.connect(conninfo) as conn:
@@ -503,3 +517,176 @@ def test_decoded_records_through_both_sinks(
         assert con.execute("SELECT min(person_id) FROM person").fetchall()[0][0] == OFFSET
     finally:
         con.close()
+
+
+# -- ids that OHDSI tools and the official CDM 5.4 DDL accept ---------------------------------
+
+CDM54_DDL = Path(__file__).parent / "data" / "cdm54_postgresql_ddl.sql"
+
+
+def _id_values(read, table: str) -> list[int]:
+    """Every value of the id columns of ``table`` (``read(sql)`` runs a query)."""
+    cols = [c.name for c in CDM_TABLES[table] if c.name.endswith("_id")]
+    cols = [c for c in cols if not c.endswith("concept_id")]
+    values = []
+    for col in cols:
+        values += [r[0] for r in read(f"SELECT {col} FROM {table}") if r[0] is not None]
+    return values
+
+
+def test_omop_ids_never_zero(sample: pl.DataFrame, codes: pl.DataFrame, tmp_path: Path) -> None:
+    """OHDSI tools read an id of 0 as "none": no person, visit or event id is 0."""
+    path = tmp_path / "cdm.duckdb"
+    with OmopWriter(path, codes=codes, id_offset=0) as writer:  # as `generate` writes
+        writer.write(sample)
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        for table in ("person", "visit_occurrence", "observation_period", *EVENT_TABLES):
+            ids = _id_values(lambda q: con.execute(q).fetchall(), table)
+            assert min(ids, default=1) >= 1, table
+    finally:
+        con.close()
+    assert (
+        meds_to_omop(sample, codes, id_offset=0)["visit_occurrence"]["visit_occurrence_id"].min()
+        == 1
+    )
+    with pytest.raises(EhrgptError, match="1 or more"):
+        meds_to_omop(sample.with_columns(pl.col("subject_id") * 0), codes, id_offset=0)
+
+
+def _cdm54_schema(postgres_url: str, schema: str) -> tuple[str, str]:
+    """(url, conninfo) of a fresh schema made with the CDM 5.4 DDL (integer ids); the URL
+    carries a password in its query string, which no message may show."""
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={schema}"
+    conninfo = parse_postgres_url(url).conninfo
+    ddl = CDM54_DDL.read_text().replace("@cdmDatabaseSchema", schema)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(ddl)
+    return f"{url}&password=s3cret-pw", conninfo
+
+
+@pytest.mark.postgres
+def test_cdm54_integer_ids_are_checked_before_writing(
+    sample: pl.DataFrame, codes: pl.DataFrame, postgres_url: str
+) -> None:
+    """A schema made by the official DDL has 32-bit ids: ids beyond them are refused with one
+    sentence before anything is written; ids that fit are written; a database error is one
+    sentence without the password."""
+    url, conninfo = _cdm54_schema(postgres_url, "cdm54_ids")
+    first, second = _halves(sample)
+    with OmopWriter(url, codes=codes, id_offset=OFFSET) as writer:
+        assert writer.limits["person"].limit == 2**31 - 1
+        with pytest.raises(EhrgptError, match=r"person\.person_id \(integer\)"):
+            writer.check_ids(OFFSET + 10)
+        with pytest.raises(EhrgptError, match="integer") as info:
+            writer.write(first)
+        assert "s3cret" not in str(info.value) and "\n" not in str(info.value)
+    with psycopg.connect(conninfo) as conn:
+        assert conn.execute("SELECT count(*) FROM cdm54_ids.person").fetchone()[0] == 0
+
+    offset = int(sample["subject_id"].max()) + 1
+    with OmopWriter(url, codes=codes, id_offset=offset) as writer:
+        writer.check_ids(offset + 1000)
+        writer.write(first)
+    with psycopg.connect(conninfo) as conn:
+        n = conn.execute("SELECT count(*), min(person_id) FROM cdm54_ids.person").fetchone()
+        assert n == (first["subject_id"].n_unique(), offset + int(first["subject_id"].min()))
+        ids = _id_values(
+            lambda q: conn.execute(q.replace("FROM ", "FROM cdm54_ids.")), "measurement"
+        )
+        assert ids and min(ids) >= 1
+
+        # a constraint of the user's schema breaks the COPY: one sentence, nothing kept
+        conn.execute(
+            "ALTER TABLE cdm54_ids.measurement ADD COLUMN site_code varchar(5) NOT NULL DEFAULT 'x'"
+        )
+        conn.execute("ALTER TABLE cdm54_ids.measurement ALTER COLUMN site_code DROP DEFAULT")
+        conn.commit()
+    with (
+        OmopWriter(url, codes=codes, id_offset=offset) as writer,
+        pytest.raises(EhrgptError, match="site_code") as info,
+    ):
+        writer.write(second)
+    message = str(info.value)
+    assert "s3cret" not in message and "\n" not in message and "nothing of it" in message
+    with psycopg.connect(conninfo) as conn:
+        persons = conn.execute("SELECT count(*) FROM cdm54_ids.person").fetchone()[0]
+        assert persons == first["subject_id"].n_unique()
+
+
+# -- vocabulary rows: copied from the source, never made up -----------------------------------
+
+
+def test_prepare_keeps_the_source_concept_rows(eunomia_run: Path, codes: pl.DataFrame) -> None:
+    from ehrgpt.sources.omop import eunomia_path
+
+    kept = pl.read_parquet(eunomia_run / "meds" / "metadata" / OMOP_CONCEPTS_FILE)
+    con = duckdb.connect(str(eunomia_path()), read_only=True)
+    try:
+        real = con.sql(
+            "SELECT concept_id, concept_name, domain_id, vocabulary_id, concept_class_id, "
+            "standard_concept, concept_code, valid_start_date, valid_end_date, invalid_reason "
+            "FROM main.concept"
+        ).pl()
+        real = real.rename({c: c.lower() for c in real.columns})
+    finally:
+        con.close()
+    known = set(real["concept_id"]) & set(codes["omop_concept_id"].drop_nulls())
+    assert set(kept["concept_id"]) == known and kept.height == len(known)
+    joined = kept.join(real, on="concept_id", suffix="_real")
+    for col in ("concept_class_id", "standard_concept", "valid_start_date", "concept_code"):
+        assert (
+            joined[col]
+            .cast(pl.String)
+            .equals(joined[f"{col}_real"].cast(pl.String), check_names=False)
+        ), col
+
+
+def test_concept_rows_are_copied_never_invented(
+    sample: pl.DataFrame, codes: pl.DataFrame, concepts: pl.DataFrame, tmp_path: Path
+) -> None:
+    def concept_table(path: Path) -> pl.DataFrame:
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            return con.sql("SELECT * FROM concept ORDER BY concept_id").pl()
+        finally:
+            con.close()
+
+    # without the source's vocabulary: no concept row at all
+    with OmopWriter(tmp_path / "none.duckdb", codes=codes, id_offset=OFFSET) as writer:
+        writer.write(sample)
+    assert concept_table(tmp_path / "none.duckdb").height == 0
+
+    # with it: exactly the real rows (every concept of the codes, so a resumed run needs none)
+    first, second = _halves(sample)
+    path = tmp_path / "copied.duckdb"
+    with OmopWriter(path, codes=codes, id_offset=OFFSET, concept_table=concepts) as writer:
+        writer.write(first)
+    with OmopWriter(path, codes=codes, id_offset=OFFSET, concept_table=concepts) as writer:
+        writer.write(second)
+    got = concept_table(path)
+    assert got["concept_id"].to_list() == sorted(concepts["concept_id"].to_list())
+    assert "Undefined" not in got["concept_class_id"].to_list()
+    assert got.select("concept_id", "concept_class_id", "standard_concept").equals(
+        concepts.sort("concept_id").select("concept_id", "concept_class_id", "standard_concept")
+    )
+
+    # a target that already holds a vocabulary gets no vocabulary row
+    held = tmp_path / "held.duckdb"
+    con = duckdb.connect(str(held))
+    con.execute(
+        "CREATE TABLE concept (concept_id INTEGER PRIMARY KEY, concept_name VARCHAR, "
+        "domain_id VARCHAR, vocabulary_id VARCHAR, concept_class_id VARCHAR, "
+        "standard_concept VARCHAR, concept_code VARCHAR, valid_start_date DATE, "
+        "valid_end_date DATE, invalid_reason VARCHAR)"
+    )
+    con.execute(
+        "INSERT INTO concept VALUES (8507, 'MALE', 'Gender', 'Gender', 'Gender', 'S', 'M', "
+        "DATE '1970-01-01', DATE '2099-12-31', NULL)"
+    )
+    con.close()
+    with OmopWriter(held, codes=codes, id_offset=OFFSET, concept_table=concepts) as writer:
+        writer.write(sample)
+    assert concept_table(held)["concept_id"].to_list() == [8507]

@@ -1,11 +1,12 @@
 """Every kind of source gives the MEDS data it should: CSV, parquet, PostgreSQL, MEDS folders.
 
 Also: what ehrgpt writes is valid MEDS 0.4, and the data-quality report of Eunomia states what
-SPEC section 11 measured.
+Eunomia's known counts measured.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from ehrgpt.sources.postgres import load_omop_duckdb_into_postgres
 from ehrgpt.tokenizer.vocab import bin_token
 from tests.helpers.runs import (
     assert_quality_adds_up,
+    eunomia_sample,
     export_eunomia,
     meds_frame,
     quality,
@@ -273,8 +275,13 @@ def test_meds_without_visit_id_hours_rule_on_eunomia(
     events = _timed_events(_validate_meds_folder(out))
     per_time = events.group_by("subject_id", "time").agg(pl.col("visit_id").n_unique())
     assert per_time["visit_id"].max() == 1
-    # all Eunomia times are midnight, so 6 hours never bridges two days: one visit per day
-    per_visit = events.group_by("subject_id", "visit_id").agg(pl.col("time").dt.date().n_unique())
+    # Eunomia's events are date-only, all at 23:59:59 of their day (visit starts at 00:00:00),
+    # so 6 hours never bridges two days of events: one visit per day
+    per_visit = (
+        events.filter(~pl.col("code").str.starts_with(mc.VISIT_PREFIX))
+        .group_by("subject_id", "visit_id")
+        .agg(pl.col("time").dt.date().n_unique())
+    )
     assert per_visit["time"].max() == 1
 
 
@@ -354,7 +361,7 @@ def test_eunomia_meds_output_is_valid_meds(eunomia_run: Path) -> None:
         assert codes.filter(pl.col("code") == code)["omop_concept_id"].item() == concept_id
 
 
-# -- data quality on Eunomia (SPEC section 11) -----------------------------------------------
+# -- data quality on Eunomia (its known counts) ---------------------------------------------
 
 
 def test_eunomia_data_quality(eunomia_run: Path) -> None:
@@ -365,7 +372,7 @@ def test_eunomia_data_quality(eunomia_run: Path) -> None:
     assert report["patients"]["kept"] == 2694
     assert tables["person"]["read"] == tables["person"]["used"] == 2694
 
-    # the event tables as SPEC measures them (rows read)
+    # the event tables as Eunomia is known to hold them (rows read)
     for table, approx in (
         ("condition_occurrence", 65_000),
         ("drug_exposure", 68_000),
@@ -408,3 +415,113 @@ def test_eunomia_data_quality(eunomia_run: Path) -> None:
     assert from_tables.height == sum(tables[t]["used"] for t in EVENT_TABLES)
     assert from_tables["visit_id"].null_count() == 0
     assert json.dumps(report)  # plain JSON
+
+
+# -- MEDS input with a visit_id column: events without one (issue 7, item 4) -----------------
+
+
+def _meds_with_null_visit_ids(folder: Path) -> Path:
+    """Two subjects; subject 1 has an inpatient visit 10 (01-01 08:00 to 01-05 12:00, given by
+    its VISIT row's ``end``) and events without a visit id inside it, after it and later."""
+    t = dt.datetime
+    rows = [
+        (1, t(1950, 1, 1), mc.BIRTH_CODE, None, None),
+        (1, t(2020, 1, 1, 8), "VISIT/9201", 10, t(2020, 1, 5, 12)),
+        (1, t(2020, 1, 1, 9), "CODE/IN", 10, None),
+        (1, t(2020, 1, 3, 10), "CODE/COVERED", None, None),
+        (1, t(2020, 1, 5, 23), "CODE/LAST_DAY", None, None),
+        (1, t(2020, 2, 1, 9), "CODE/FEB_A", None, None),
+        (1, t(2020, 2, 1, 15), "CODE/FEB_B", None, None),
+        (1, t(2020, 3, 1, 9), "CODE/MARCH", None, None),
+        (2, t(1960, 1, 1), mc.BIRTH_CODE, None, None),
+        (2, t(2020, 1, 3, 10), "CODE/OTHER_SUBJECT", None, None),  # not in subject 1's visit
+        (2, t(2020, 4, 1, 10), "VISIT/9202", 7, None),
+        (2, t(2020, 4, 1, 11), "CODE/IN_7", 7, None),
+    ]
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "subject_id": pl.Int64,
+            "time": pl.Datetime("us"),
+            "code": pl.String,
+            "visit_id": pl.Int64,
+            "end": pl.Datetime("us"),
+        },
+        orient="row",
+    ).with_columns(pl.lit(None, pl.Float32).alias("numeric_value"))
+    (folder / "data").mkdir(parents=True)
+    frame.write_parquet(folder / "data" / "0.parquet")
+    return folder
+
+
+def test_meds_events_without_visit_id_get_a_covering_or_day_visit(tmp_path: Path) -> None:
+    src = _meds_with_null_visit_ids(tmp_path / "src")
+    report = QualityReport()
+    import_meds(src, tmp_path / "out" / "meds", report, progress=False)
+    data = pl.read_parquet(sorted((tmp_path / "out" / "meds" / "data").rglob("*.parquet")))
+    visit = dict(zip(data["code"], data["visit_id"], strict=True))
+    # covered by subject 1's visit 10 (its day inside [01-01, 01-05], the end from VISIT's end)
+    assert visit["CODE/COVERED"] == visit["CODE/LAST_DAY"] == 10
+    # not covered: one new visit per subject and day, ids below every id of the data
+    assert visit["CODE/FEB_A"] == visit["CODE/FEB_B"]
+    new_ids = {visit["CODE/FEB_A"], visit["CODE/MARCH"], visit["CODE/OTHER_SUBJECT"]}
+    assert len(new_ids) == 3 and max(new_ids) < 0
+    assert visit["CODE/IN_7"] == 7 and visit["CODE/IN"] == 10  # given ids are kept
+    assert data.filter(pl.col("code") == mc.BIRTH_CODE)["visit_id"].null_count() == 2
+    assert report.visits == {
+        "visits in the data": 2,
+        "events without a usable visit id": 6,
+        "  attached to a covering visit": 2,
+        "  grouped per person and day": 4,
+        "visits made from day groups": 3,
+    }
+
+
+# -- a visit whose end is before its start (issue 7, item 6) ---------------------------------
+
+
+def test_visit_ending_before_its_start_is_repaired_and_keeps_its_type(tmp_path: Path) -> None:
+    """Its end becomes its start (counted); it stays inpatient and keeps its events."""
+    vid = 6727  # inpatient (9201) visit of person 99, 2000-03-11 to 2000-03-12
+    src = eunomia_sample(
+        tmp_path / "cdm.duckdb",
+        statements=(
+            "UPDATE visit_occurrence SET \"VISIT_END_DATE\" = DATE '2000-03-08', "
+            f'"VISIT_END_DATETIME" = DATE \'2000-03-08\' WHERE "VISIT_OCCURRENCE_ID" = {vid}',
+        ),
+    )
+    run = prepare(str(src), tmp_path / "run", progress=False).run_dir
+    data = meds_frame(run)
+    visit = data.filter(pl.col("visit_id") == vid)
+    row = visit.filter(pl.col("code").str.starts_with(mc.VISIT_PREFIX))
+    assert row["code"].to_list() == ["VISIT/9201"]
+    assert row["end"].item() == row["time"].item() == dt.datetime(2000, 3, 11)
+    assert visit.filter(pl.col("omop_table") == "condition_occurrence").height > 0
+    report = quality(run)
+    assert_quality_adds_up(report)
+    assert report["tables"]["visit_occurrence"]["set_aside"] == {}
+    assert report["visits"]["  end before start: end set to start"] == 1
+
+
+# -- date-only events at the end of their day (docs/method.md section 1) -------------------
+
+
+def test_date_only_events_come_after_their_visit_start(eunomia_run: Path) -> None:
+    """A prediction at a date-only visit's start (00:00:00) does not see that day's diagnoses,
+    stamped 23:59:59 as meds_etl does; birth keeps its date."""
+    data = meds_frame(eunomia_run)
+    visits = data.filter(pl.col("code") == "VISIT/9201").select(
+        "subject_id", "visit_id", pl.col("time").alias("start")
+    )
+    assert (visits["start"].dt.time() == dt.time(0)).all()
+    conditions = data.filter(pl.col("omop_table") == "condition_occurrence")
+    assert (conditions["time"].dt.time() == dt.time(23, 59, 59)).all()
+    same_day = conditions.join(visits, on=["subject_id", "visit_id"]).filter(
+        pl.col("time").dt.date() == pl.col("start").dt.date()
+    )
+    assert same_day.height > 100
+    subject, start = same_day.select("subject_id", "start").row(0)
+    seen = data.filter((pl.col("subject_id") == subject) & (pl.col("time") <= start))
+    assert seen.filter(pl.col("time").dt.date() == start.date())["code"].to_list() == ["VISIT/9201"]
+    assert same_day.filter(pl.col("subject_id") == subject).height > 0
+    assert (data.filter(pl.col("code") == mc.BIRTH_CODE)["time"].dt.time() == dt.time(0)).all()

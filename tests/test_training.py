@@ -27,16 +27,18 @@ from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
 from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.pipelines.train import grow_vocabulary, train
 from ehrgpt.tokenizer.vocab import END, VE, VS, EhrTokenizer
+from ehrgpt.training import distributed as D
 from ehrgpt.training.data import PROMPT_LEN, age_in_years, load_records, materialize, prompt_ids
 from ehrgpt.training.packing import IGNORE_INDEX, collate_batch
 from ehrgpt.training.targets import make_targets
 from ehrgpt.training.trainer import (
     EpochPlan,
     TrainConfig,
+    Trainer,
     lr_lambda,
     make_optimizer,
-    read_jsonl,
 )
+from ehrgpt.util.atomic import read_jsonl
 
 CONTEXT = 128
 #: A tiny model and data stream for fast runs (settings of train(); also a TOML file).
@@ -320,6 +322,117 @@ def test_bad_settings_and_foreign_folders(eunomia_run: Path, tmp_path: Path) -> 
     assert (other / "cat.jpg").exists()
 
 
+# -- the step's loss: micro-batches and ranks ---------------------------------------------
+
+
+def _first_step(
+    run: Path, out: Path, rows_per_batch: int, grad_accum: int, dist: D.DistInfo | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Gradients and logged record of a first trainer step on Eunomia (no dropout, fp32).
+
+    The epoch's packed rows do not depend on how they are cut into batches, so the step holds
+    the rows 0 .. rows_per_batch x grad_accum x ranks - 1 of epoch 0 however it is split.
+    """
+    dist = dist or D.DistInfo()
+    out.mkdir(parents=True, exist_ok=True)
+    tok = EhrTokenizer.from_pretrained(run / "tokenizer")
+    torch.manual_seed(0)
+    config = EhrGptConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+        dropout=0.0,
+    )
+    cfg = TrainConfig(
+        tokens_per_row=256,
+        rows_per_batch=rows_per_batch,
+        grad_accum=grad_accum,
+        max_val_batches=1,
+        device="cpu",
+        precision="fp32",
+    )
+    trainer = Trainer(
+        EhrGptForCausalLM(config),
+        tok,
+        load_records(run, "train"),
+        load_records(run, "tuning"),
+        cfg,
+        out,
+        make_targets=make_targets,
+        dist=dist,
+        seed=0,
+        max_steps=1,
+        progress=False,
+    )
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(*_) -> None:  # the gradients the optimizer is about to use
+        for name, p in trainer.raw.named_parameters():
+            grads[name] = p.grad.detach().clone()
+
+    trainer.optimizer.register_step_pre_hook(keep)
+    trainer.fit()
+    record = read_jsonl(out / "metrics.jsonl")[0] if dist.is_main else {}
+    return grads, record
+
+
+def _assert_same_step(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
+    (grads, record), (want_grads, want_record) = got, want
+    assert grads.keys() == want_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert record["loss"] == pytest.approx(want_record["loss"], rel=1e-5)
+    for term, value in want_record["losses"].items():
+        assert record["losses"][term] == pytest.approx(value, rel=1e-5), term
+    assert record["tokens"] == want_record["tokens"]
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(
+    eunomia_run: Path, records, tok: EhrTokenizer, tmp_path: Path
+) -> None:
+    """4 accumulated batches of 2 rows = 1 batch of 8 rows: each loss term is a sum over the
+    step's targets divided by their count, not a mean of the micro-batches' means."""
+    plan = EpochPlan(records, tok, CONTEXT, TrainConfig(tokens_per_row=256, rows_per_batch=2), 0, 0)
+    shares = []
+    for b in range(4):
+        batch = collate_batch(plan.samples(b), lambda s: make_targets(s, tok))
+        shares.append(np.isfinite(batch["time_gap"]).sum() / (batch["labels"] >= 0).sum())
+    assert max(shares) > 1.05 * min(shares)  # the micro-batches hold time targets unevenly
+    one = _first_step(eunomia_run, tmp_path / "one", rows_per_batch=8, grad_accum=1)
+    four = _first_step(eunomia_run, tmp_path / "four", rows_per_batch=2, grad_accum=4)
+    assert one[1]["batches"] == [0] and four[1]["batches"] == [0, 1, 2, 3]
+    _assert_same_step(four, one)
+
+
+def test_two_ranks_give_the_gradient_of_one_process(eunomia_run: Path, tmp_path: Path) -> None:
+    """2 gloo ranks x 2 accumulated batches of 2 rows = 1 process with a batch of 8 rows."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("gloo is not available in this torch build")
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tests.test_training",  # the __main__ block below
+        str(eunomia_run),
+        str(out),
+    ]
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env["PYTHONPATH"]])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ddp = torch.load(out / "first_step.pt", weights_only=False)
+    assert ddp["record"]["batches"] == [0, 1, 2, 3]
+    one = _first_step(eunomia_run, tmp_path / "one", rows_per_batch=8, grad_accum=1)
+    _assert_same_step((ddp["grads"], ddp["record"]), one)
+
+
 # -- subprocesses: SIGKILL and resume, torchrun ---------------------------------------------
 
 
@@ -529,3 +642,11 @@ def test_cli_command_help_and_errors(tmp_path: Path) -> None:
     result = runner.invoke(main, ["train", "--data", str(empty), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2
     assert "tokenizer" in result.output and "Traceback" not in result.output
+
+
+if __name__ == "__main__":  # one rank of test_two_ranks_give_the_gradient_of_one_process
+    info = D.init("cpu")
+    grads, record = _first_step(Path(sys.argv[1]), Path(sys.argv[2]), 2, 2, info)
+    if info.is_main:
+        torch.save({"grads": grads, "record": record}, Path(sys.argv[2]) / "first_step.pt")
+    D.shutdown(info)

@@ -257,6 +257,13 @@ def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool)
 @click.option("--age", default=None, help="Age at the first visit: 65 or a range 60-70.")
 @click.option("--gender", default=None, help="F, M, or a GENDER/<concept_id> code.")
 @click.option("--no-grammar", is_flag=True, help="Sample without the timeline grammar.")
+@click.option(
+    "--id-offset",
+    type=int,
+    default=None,
+    help="First synthetic person id (default: above the largest id of the training data and "
+    "of the OMOP target, below 2**31).",
+)
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace --out.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -277,6 +284,7 @@ def generate_cmd(
     age: str | None,
     gender: str | None,
     no_grammar: bool,
+    id_offset: int | None,
     resume: bool,
     overwrite: bool,
     no_progress: bool,
@@ -309,6 +317,7 @@ def generate_cmd(
         year=year,
         age=age,
         gender=gender,
+        id_offset=id_offset,
         resume=resume,
         overwrite=overwrite,
         progress=not no_progress,
@@ -382,6 +391,171 @@ def train_cmd(
         progress=not no_progress,
     )
     _show("train", result)
+
+
+# -- representation: labels, embed, probe, baseline, finetune ------------------------------
+
+
+_data_opt = click.option(
+    "--data",
+    "run_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prepared run folder.",
+)
+_model_opt = click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model folder.",
+)
+_out_opt = click.option("--out", required=True, type=click.Path(path_type=Path))
+_task_opt = click.option("--task", default=None, help="Shipped task name or ACES YAML path.")
+_labels_opt = click.option(
+    "--labels",
+    default=None,
+    type=click.Path(exists=True, path_type=Path),
+    help="MEDS label parquet file or folder (instead of --task).",
+)
+_common_opts = [
+    click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap draws."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--overwrite", is_flag=True, help="Replace --out."),
+]
+
+
+def _with(options):
+    def wrap(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+@main.command("labels")
+@config_option
+@_data_opt
+@click.option("--task", required=True, help="Shipped task name or ACES YAML path.")
+@_out_opt
+@click.option("--overwrite", is_flag=True, help="Replace --out.")
+def labels_cmd(run_dir: Path, task: str, out: Path, overwrite: bool) -> None:
+    """Run an ACES task on a prepared run; write MEDS labels per split."""
+    from ehrgpt.pipelines.labels import make_labels
+
+    result = make_labels(run_dir, task, out, overwrite=overwrite)
+    _show("labels", result)
+
+
+@main.command("embed")
+@config_option
+@_model_opt
+@_data_opt
+@_labels_opt
+@_task_opt
+@_out_opt
+@click.option(
+    "--token-budget",
+    type=int,
+    default=16384,
+    show_default=True,
+    help="Tokens per batch (rows x longest history).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def embed_cmd(no_progress: bool, **kwargs) -> None:
+    """One embedding per label row (last-token and mean pooling), as parquet shards."""
+    from ehrgpt.pipelines.embed import embed
+
+    result = embed(
+        kwargs.pop("model_dir"),
+        kwargs.pop("run_dir"),
+        kwargs.pop("out"),
+        progress=not no_progress,
+        **kwargs,
+    )
+    _show("embed", result)
+
+
+@main.command("probe")
+@config_option
+@_model_opt
+@_data_opt
+@_task_opt
+@_labels_opt
+@_out_opt
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option("--demographics", is_flag=True, help="Add age, gender and race to the features.")
+@click.option("--fewshot", is_flag=True, help="Run the EHRSHOT few-shot protocol and plot it.")
+@click.option("--no-baseline", is_flag=True, help="Skip the count baseline.")
+@_with(_common_opts)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def probe_cmd(
+    model_dir: Path, run_dir: Path, out: Path, no_baseline: bool, no_progress: bool, **kwargs
+) -> None:
+    """Linear probe (and LightGBM) on embeddings, held_out metrics beside the count baseline."""
+    from ehrgpt.pipelines.probe import probe
+
+    result = probe(
+        model_dir, run_dir, out, baseline=not no_baseline, progress=not no_progress, **kwargs
+    )
+    _show("probe (held_out)", result)
+
+
+@main.command("baseline")
+@config_option
+@_data_opt
+@_task_opt
+@_labels_opt
+@_out_opt
+@_with(_common_opts)
+def baseline_cmd(run_dir: Path, out: Path, **kwargs) -> None:
+    """Count-feature baseline (LightGBM and logistic regression), held_out metrics."""
+    from ehrgpt.pipelines.baseline import baseline
+
+    _show("baseline (held_out)", baseline(run_dir, out, **kwargs))
+
+
+@main.command("finetune")
+@config_option
+@_model_opt
+@_data_opt
+@_task_opt
+@_labels_opt
+@_out_opt
+@click.option("--max-len", type=int, default=256, show_default=True, help="History tokens kept.")
+@click.option("--max-epochs", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--no-baseline", is_flag=True, help="Skip the count baseline.")
+@_with(_common_opts)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def finetune_cmd(
+    model_dir: Path,
+    run_dir: Path,
+    out: Path,
+    max_epochs: int,
+    lr: float,
+    seed: int,
+    no_baseline: bool,
+    no_progress: bool,
+    **kwargs,
+) -> None:
+    """Fine-tune the model with a classification head; held_out metrics beside the baseline."""
+    from ehrgpt.pipelines.finetune import finetune
+    from ehrgpt.represent.finetune import FinetuneConfig
+
+    config = FinetuneConfig(max_epochs=max_epochs, lr=lr, seed=seed)
+    result = finetune(
+        model_dir,
+        run_dir,
+        out,
+        config=config,
+        baseline=not no_baseline,
+        progress=not no_progress,
+        **kwargs,
+    )
+    _show("finetune (held_out)", result)
 
 
 @main.command("evaluate")

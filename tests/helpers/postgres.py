@@ -2,9 +2,9 @@
 
 If ``EHRGPT_TEST_POSTGRES_URL`` is set, that server is used (and a test fails clearly if it
 cannot be reached). Otherwise a throwaway cluster is started with initdb + pg_ctl on a free
-localhost port (see ``tests/postgres_server.py``) and stopped at the end of the session. Missing
-PostgreSQL binaries fail the tests with a message naming the Debian package to install; they are
-never skipped silently.
+localhost port (see ``tests/helpers/postgres_server.py``) and stopped at the end of the
+session. Missing PostgreSQL binaries fail the tests with a message naming the Debian package
+to install; they are never skipped silently.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ def _masked(url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """URL of a PostgreSQL database the tests may freely write to."""
+def postgres_server() -> Iterator[TemporaryPostgres | None]:
+    """The throwaway server (``None`` when ``EHRGPT_TEST_POSTGRES_URL`` names another)."""
     url = os.environ.get(ENV_VAR, "").strip()
     if url:
         problem = check_reachable(url)
         if problem is not None:
             pytest.fail(f"{ENV_VAR}={_masked(url)} is not reachable: {problem}", pytrace=False)
-        yield url
+        yield None
         return
     server = TemporaryPostgres()
     try:
@@ -45,6 +45,14 @@ def postgres_url() -> Iterator[str]:
     except PostgresUnavailable as exc:
         pytest.fail(f"Cannot start a test PostgreSQL server: {exc}", pytrace=False)
     try:
-        yield server.url
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: TemporaryPostgres | None) -> str:
+    """URL of a PostgreSQL database the tests may freely write to."""
+    if postgres_server is None:
+        return os.environ[ENV_VAR].strip()
+    return postgres_server.url

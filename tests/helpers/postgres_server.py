@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL cluster for the tests (initdb + pg_ctl in a temporary folder).
 
-Used by the ``postgres_url`` fixture in ``tests/conftest_postgres.py``. The cluster listens on
+Used by the ``postgres_url`` fixture in ``tests/helpers/postgres.py``. The cluster listens on
 127.0.0.1 only, on a free port, trusts local connections (user ``postgres``, no password) and is
 removed when stopped. When running as root (CI containers), the server runs as the ``postgres``
 system user, because ``initdb`` refuses to run as root.
@@ -183,6 +183,22 @@ class TemporaryPostgres:
                         f"{self._log_tail()}"
                     ) from exc
                 time.sleep(0.2)
+
+    def require_password(self, role: str) -> None:
+        """Make ``role`` log in with its password over TCP (scram-sha-256); others stay trusted.
+
+        The rule goes first in pg_hba.conf (the first matching line wins) and the server
+        reloads its configuration.
+        """
+        import psycopg
+
+        assert self.root is not None, "start the server first"
+        hba = self.root / "data" / "pg_hba.conf"
+        rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+        hba.write_text(rule + hba.read_text())  # the file keeps its owner
+        conninfo = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete its folder."""

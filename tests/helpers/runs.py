@@ -3,8 +3,8 @@
 Each run is made once per session (``prepare`` on Eunomia takes a few seconds):
 
 - ``eunomia_run``: ``prepare eunomia`` (the DuckDB path);
-- ``synthea_csv``: the Synthea27Nj OMOP CSV export unzipped into a temporary folder (upper-case
-  file names); skipped when the archive is absent, a failure when ``CI=true``;
+- ``synthea_csv``: the Synthea27Nj OMOP CSV export (``tests/data``, Apache-2.0, see
+  ``tests/data/README.md``) unzipped into a temporary folder (upper-case file names);
 - ``synthea_run``: ``prepare`` of that CSV folder;
 - ``synthea_expanded_run``: the same with ``--vocab-from`` the Eunomia run;
 - ``tiny_meds``: a small hand-made MEDS folder (intra-day times, no visit_id, written by
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import pytest
 from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.sources.omop import eunomia_path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SYNTHEA_ZIP = SHARED_DATA / "synthea27nj_omop54_csv.zip"
+#: Synthea27Nj OMOP CDM 5.4 CSV export, kept in the repository (licence: tests/data/README.md).
+SYNTHEA_ZIP = Path(__file__).resolve().parent / "data" / "synthea27nj_omop54_csv.zip"
 
 #: The OMOP tables ehrgpt reads (as Eunomia names them).
 OMOP_TABLES = (
@@ -105,6 +104,30 @@ def export_eunomia(folder: Path, fmt: str, tables=OMOP_TABLES, *, upper: bool = 
     return folder
 
 
+def eunomia_sample(path: Path, n_persons: int = 100, statements: tuple[str, ...] = ()) -> Path:
+    """A DuckDB file with Eunomia's tables cut to its first ``n_persons`` persons.
+
+    Tables without a ``PERSON_ID`` column (concept, the malformed death and device_exposure)
+    are copied whole; then ``statements`` (SQL, on Eunomia's upper-case column names) run on
+    the copy. The connection works in UTC.
+    """
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("SET TimeZone='UTC'")
+        con.execute(f"ATTACH '{eunomia_path().as_posix()}' AS src (READ_ONLY)")
+        keep = f'SELECT "PERSON_ID" FROM src.main.person ORDER BY 1 LIMIT {int(n_persons)}'
+        for table in OMOP_TABLES:
+            cols = {r[0] for r in con.execute(f"DESCRIBE src.main.{table}").fetchall()}
+            where = f' WHERE "PERSON_ID" IN ({keep})' if "PERSON_ID" in cols else ""
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM src.main.{table}{where}")
+        con.execute("DETACH src")
+        for statement in statements:
+            con.execute(statement)
+    finally:
+        con.close()
+    return path
+
+
 def write_tiny_meds(folder: Path, n_subjects: int = 12) -> Path:
     """A small MEDS 0.4 folder without visit_id, written by polars (large_string codes).
 
@@ -160,11 +183,6 @@ def eunomia_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synthea_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Synthea27Nj OMOP 5.4 CSV export (28 patients), unzipped as it comes."""
-    if not SYNTHEA_ZIP.exists():
-        message = f"{SYNTHEA_ZIP} is missing (the Synthea27Nj OMOP CSV export)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
     folder = tmp_path_factory.mktemp("synthea27nj")
     with zipfile.ZipFile(SYNTHEA_ZIP) as archive:
         archive.extractall(folder)

@@ -1,1 +1,1 @@
-"""Generation: constrained sampling of patient timelines (SPEC section 6)."""
+"""Generation: constrained sampling of patient timelines (docs/method.md section 8)."""

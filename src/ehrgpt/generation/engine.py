@@ -8,12 +8,16 @@ wait one step), so little compute goes to padding or to finished sequences.
 At each step the logits of every active slot are masked by the timeline grammar
 (:class:`~ehrgpt.generation.grammar.TimelineGrammar`): only tokens that keep the timeline valid
 can be sampled, and when a sequence's token budget is nearly spent the mask steers it to the
-shortest valid ending. Then temperature, top-k and top-p apply, and one token is drawn per slot
-from a seeded ``torch.Generator``.
+shortest valid ending. Time tokens are also kept within a per-prompt day budget (for example
+up to the training data's last date; see :func:`~ehrgpt.tokenizer.decode.day_budget`) and a
+visit within :data:`~ehrgpt.tokenizer.decode.MAX_VISIT_DAYS`. Then temperature, top-k and
+top-p apply, and one token is drawn per slot from a seeded ``torch.Generator``.
 
 Prompts are token id lists: a demographic prompt (4 tokens) for a new patient, or a real
 patient's history (the conditional continuation zero-shot prediction uses; see
-:func:`history_prompt`).
+:func:`history_prompt`). With the grammar on, a prompt the grammar refuses (a token out of
+place, an id outside the vocabulary) is not run: it comes back at once as a
+:class:`Generated` with ``finish="refused"`` and the reason, and the batch goes on.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ehrgpt.generation.grammar import GrammarState, TimelineGrammar
+from ehrgpt.generation.grammar import GrammarError, GrammarState, TimelineGrammar
 from ehrgpt.model import EhrGptForCausalLM
+from ehrgpt.tokenizer.decode import MAX_VISIT_DAYS
 from ehrgpt.tokenizer.vocab import END, PAD, EhrTokenizer
 
 
@@ -58,7 +63,10 @@ class Generated:
     index: int
     token_ids: list[int]
     n_prompt: int
-    finish: str  # "end" ([END] sampled) or "budget" (max_new_tokens reached)
+    #: "end" ([END] sampled), "budget" (max_new_tokens reached) or "refused" (the grammar
+    #: refused the prompt; nothing was generated and ``reason`` says why).
+    finish: str
+    reason: str = ""
 
 
 @dataclass
@@ -66,6 +74,7 @@ class EngineStats:
     """Throughput figures of one :meth:`Engine.generate` run."""
 
     sequences: int = 0
+    refused_prompts: int = 0
     new_tokens: int = 0
     prompt_tokens: int = 0
     steps: int = 0
@@ -74,6 +83,9 @@ class EngineStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / max(self.seconds, 1e-9)
+
+
+_NO_LIMIT = 1 << 40  # days: no time budget
 
 
 class SlotCache:
@@ -182,10 +194,12 @@ class Engine:
         *,
         seed: int = 0,
         on_step=None,
+        day_budgets: Sequence[int] | None = None,
     ) -> Iterator[Generated]:
         """Yield each prompt's continuation as soon as it finishes (not in prompt order).
 
-        ``on_step(n_finished)`` is called after every step (for progress bars).
+        ``day_budgets``: per prompt, the most days its new time tokens may add (none: no
+        limit). ``on_step(n_finished)`` is called after every step (for progress bars).
         """
         cfg = cfg or SamplingConfig()
         cfg.check()
@@ -225,6 +239,9 @@ class Engine:
         new = torch.zeros(slots, dtype=torch.long, device=dev)  # tokens generated
         gstate = torch.zeros(slots, dtype=torch.long, device=dev)
         glen = torch.zeros(slots, dtype=torch.long, device=dev)
+        days_left = torch.zeros(slots, dtype=torch.long, device=dev)
+        visit_left = torch.zeros(slots, dtype=torch.long, device=dev)
+        budgets = list(day_budgets) if day_budgets is not None else None
         finished = 0
         all_rows = torch.arange(slots, device=dev)
 
@@ -235,12 +252,16 @@ class Engine:
             if cfg.grammar:
                 remaining = cfg.max_new_tokens - new[rows]
                 logits = g.mask_logits(logits, state, remaining)
+                logits = self._within_time(logits, state, days_left[rows], visit_left[rows])
             if cfg.temperature == 0:
                 choice = logits.argmax(dim=-1)
             else:
                 probs = _filter_logits(logits, cfg).softmax(dim=-1)
                 choice = _draw(probs, gen)
             if cfg.grammar:
+                days_left[rows], visit_left[rows] = g.spend_time(
+                    state, choice, days_left[rows], visit_left[rows], MAX_VISIT_DAYS
+                )
                 nxt = g.advance(state, choice, check=False)
                 gstate[rows], glen[rows] = nxt.state, nxt.length
             new[rows] += 1
@@ -263,15 +284,24 @@ class Engine:
             # Prefill: free slots take the next prompts.
             free = [s for s in range(slots) if index[s] < 0]
             if free and queue:
-                take = free[: len(queue)]
-                batch = [queue.popleft() for _ in take]
+                batch = [queue.popleft() for _ in free[: len(queue)]]
+                if cfg.grammar:
+                    batch, st, refused = self._check_prompts(batch)
+                    self.stats.refused_prompts += len(refused)
+                    finished += len(refused)
+                    yield from refused
+                if not batch:
+                    continue
+                take = free[: len(batch)]
                 for s, (i, p) in zip(take, batch, strict=True):
                     index[s], tokens[s], n_prompt[s] = i, list(p), len(p)
                 rows = torch.tensor(take, device=dev)
-                logits, ids = self._prefill(cache, rows, [p for _, p in batch])
-                if cfg.grammar:  # a prompt the grammar refuses raises GrammarError here
-                    st = g.start(len(batch), ids)
+                logits, _ = self._prefill(cache, rows, [p for _, p in batch])
+                if cfg.grammar:
                     gstate[rows], glen[rows] = st.state, st.length
+                    days = [_NO_LIMIT if budgets is None else budgets[i] for i, _ in batch]
+                    days_left[rows] = torch.tensor(days, device=dev)
+                    visit_left[rows] = MAX_VISIT_DAYS
                 lens = torch.tensor([len(p) for _, p in batch], device=dev)
                 pos[rows] = lens
                 new[rows] = 0
@@ -295,6 +325,43 @@ class Engine:
                 on_step(finished)
         self.stats.sequences += len(prompts)
         self.stats.seconds += time.perf_counter() - started
+
+    def _within_time(
+        self,
+        logits: torch.Tensor,
+        state: GrammarState,
+        days_left: torch.Tensor,
+        visit_left: torch.Tensor,
+    ) -> torch.Tensor:
+        """Masked ``logits`` without the time tokens that exceed a row's budgets (a row whose
+        every allowed token would exceed them keeps its grammar mask: never an empty row)."""
+        ok = self.grammar.time_mask(state, days_left, visit_left)
+        if logits.shape[-1] > ok.shape[-1]:
+            ok = torch.nn.functional.pad(ok, (0, logits.shape[-1] - ok.shape[-1]), value=False)
+        ok &= logits > float("-inf")
+        ok |= ~ok.any(dim=1, keepdim=True)
+        return logits.masked_fill(~ok, float("-inf"))
+
+    def _check_prompts(
+        self, batch: list[tuple[int, Sequence[int]]]
+    ) -> tuple[list[tuple[int, Sequence[int]]], GrammarState, list[Generated]]:
+        """Split prompts into those the grammar accepts (with their states) and the refused
+        ones, returned as finished :class:`Generated` with the reason."""
+        g = self.grammar
+        st = g.start(len(batch), [p for _, p in batch], check=False)
+        bad = g.is_refused(st).tolist()
+        refused = []
+        for (i, p), b in zip(batch, bad, strict=True):
+            if b:
+                try:
+                    g.start(1, [p])
+                    reason = "refused"
+                except GrammarError as exc:
+                    reason = str(exc)
+                refused.append(Generated(i, list(p), len(p), "refused", reason))
+        keep = torch.tensor([not b for b in bad], device=st.state.device)
+        good = [item for item, b in zip(batch, bad, strict=True) if not b]
+        return good, st[keep], refused
 
     def _prefill(
         self, cache: SlotCache, rows: torch.Tensor, prompts: list[Sequence[int]]

@@ -1,4 +1,5 @@
-"""A batched automaton of the timeline grammar, for constrained sampling (SPEC sections 1, 6).
+"""A batched automaton of the timeline grammar, for constrained sampling (docs/method.md
+sections 2 and 8).
 
 Every token id gets a small *class* (year, age, visit type, clinical code, short time token,
 ...); the automaton has a few dozen states and a transition table ``[state, class]``. A batch
@@ -16,7 +17,18 @@ stricter so that what it allows is what :mod:`ehrgpt.tokenizer.encode` writes:
   threshold (``LT Y0 D5`` decodes, but as 1080 days, so it is refused);
 - ``[OOV]`` is consumed like a clinical code (real histories hold it) but never allowed;
   ``[PAD]`` is skipped anywhere and ``[START]`` before the prompt, as the decoder does, but
-  neither is allowed, except ``[PAD]`` after ``[END]`` (so a batch can keep stepping).
+  neither is allowed, except ``[PAD]`` after ``[END]`` (so a batch can keep stepping);
+- a discharge to death (``DISCHARGE/4216643``) ends the timeline: after its ``[VE]`` only the
+  death visit the encoder writes may follow (``ATT(0) [VS] [DEATH] [VE]``, then ``[END]``);
+- static-only codes (``ETHNICITY/...``, in vocabularies made before they were left out) are
+  never allowed.
+
+Time limits (:meth:`TimelineGrammar.time_mask`): each time token moves the date cursor by a
+number of days that depends on the state (``D5`` after ``[VE]`` is 5 days, after ``LT Y3``
+it is the remainder of a long gap). ``charge_table`` holds those days, ``need_table`` the
+fewest days a token commits the record to (``LT`` commits to the shortest long gap). The
+engine keeps a day budget per sequence (the training data's end, an age of 120) and a visit
+length budget, and masks the time tokens that would exceed them.
 
 So every sequence the grammar accepts and that stops where :meth:`TimelineGrammar.is_complete`
 is true decodes without :class:`~ehrgpt.tokenizer.decode.DecodeError`, and every record the
@@ -54,10 +66,12 @@ from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.vocab import (
     DEATH,
+    DIED_DISCHARGE,
     END,
     OOV,
     PAD,
     START,
+    STATIC_ONLY_PREFIXES,
     VALUE_PREFIX,
     VE,
     VS,
@@ -90,7 +104,11 @@ class S(IntEnum):
     DEATH = 19  # after [DEATH]: expects [VE]
     DEAD = 20  # after the death visit: only [END] (may stop here)
     DONE = 21  # after [END]: only [PAD]
-    ERROR = 22  # absorbing; reached only through advance(check=False)
+    DIED = 22  # after a discharge to death: expects [VE]
+    AFTER_DIED = 23  # after its [VE]: expects the zero-gap time token
+    DEATH_VS = 24  # ... then [VS]
+    DEATH_TYPE = 25  # ... then [DEATH]
+    ERROR = 26  # absorbing; reached only through advance(check=False)
 
 
 _WHERE_EXPECTED: dict[S, tuple[str, str]] = {
@@ -116,6 +134,10 @@ _WHERE_EXPECTED: dict[S, tuple[str, str]] = {
     S.DEATH: ("after [DEATH]", "[VE]"),
     S.DEAD: ("after the death visit", "[END]"),
     S.DONE: ("after [END]", "nothing (only [PAD])"),
+    S.DIED: ("after a discharge to death", "[VE]"),
+    S.AFTER_DIED: ("after a visit discharged to death", "the time token of a zero gap"),
+    S.DEATH_VS: ("before the death visit", "[VS]"),
+    S.DEATH_TYPE: ("in the death visit", "[DEATH]"),
     S.ERROR: ("after an invalid token", "nothing"),
 }
 
@@ -129,7 +151,7 @@ _BODY = {
 }
 
 # Token classes. ATT tokens are "att:" + flags: s (short gap), r (remainder after LT Y<k>),
-# e (remainder that reaches the long threshold after the smallest year count).
+# e (remainder that reaches the long threshold after the smallest year count), z (a gap of 0).
 _NEVER_SAMPLED = ("pad", "start", "oov", "bad")
 _INF = 1 << 20  # "cannot finish" in the cost tables
 
@@ -155,10 +177,14 @@ def _step(state: S, kind: str) -> S | None:
             return S.BETWEEN
         if kind == "discharge" and inpatient:
             return S.DISCHARGED
+        if kind == "died" and inpatient:
+            return S.DIED
         return None
     if kind.startswith("att:"):
-        flag = {S.BETWEEN: "s", S.LT_REM: "r", S.LT_REM_EDGE: "e"}.get(state)
-        return S.NEXT_VS if flag is not None and flag in kind[4:] else None
+        flag = {S.BETWEEN: "s", S.LT_REM: "r", S.LT_REM_EDGE: "e", S.AFTER_DIED: "z"}.get(state)
+        if flag is None or flag not in kind[4:]:
+            return None
+        return S.DEATH_VS if state == S.AFTER_DIED else S.NEXT_VS
     table: dict[S, dict[str, S]] = {
         S.YEAR: {"year": S.AGE, "start": S.YEAR},
         S.AGE: {"age": S.GENDER},
@@ -173,6 +199,9 @@ def _step(state: S, kind: str) -> S | None:
         S.NEXT_VS: {"vs": S.TYPE},
         S.DEATH: {"ve": S.DEAD},
         S.DEAD: {"end": S.DONE},
+        S.DIED: {"ve": S.AFTER_DIED},
+        S.DEATH_VS: {"vs": S.DEATH_TYPE},
+        S.DEATH_TYPE: {"death": S.DEATH},
     }
     return table.get(state, {}).get(kind)
 
@@ -183,6 +212,7 @@ def _classify(tok: EhrTokenizer) -> list[str]:
     short, rem = tt.att_lookup(scheme, tok.token_to_id)
     k_min, r_min = divmod(tt.LONG_FROM[scheme], 365)
     short_ids, rem_ids, edge_ids = set(short.tolist()), set(rem.tolist()), set(rem[r_min:].tolist())
+    zero_id = int(short[0])
     years = {tok.token_to_id[f"Y{k}"]: k for k in range(tt.MAX_YEARS + 1)}
     inpatient = set(tok.inpatient_visit_codes)
     fixed = {PAD: "pad", START: "start", END: "end", VS: "vs", VE: "ve", DEATH: "death"}
@@ -193,8 +223,12 @@ def _classify(tok: EhrTokenizer) -> list[str]:
             kind = fixed[t]
         elif t.startswith("i-D"):
             kind = "day" if t[3:].isdigit() and int(t[3:]) > 0 else "bad"
+        elif t == DIED_DISCHARGE:
+            kind = "died"
         elif t.startswith(mc.DISCHARGE_PREFIX):
             kind = "discharge"
+        elif t.startswith(STATIC_ONLY_PREFIXES):
+            kind = "bad"
         elif t.startswith(VALUE_PREFIX):
             rest = t[len(VALUE_PREFIX) :]
             kind = "bin" if len(rest) >= 2 and rest[0] == "Q" and rest[1:].isdigit() else "cat"
@@ -211,6 +245,7 @@ def _classify(tok: EhrTokenizer) -> list[str]:
             kind = "y_edge" if k == k_min else "y_full" if k > k_min else "bad"
         elif tt.is_att_token(t):
             flags = "s" * (i in short_ids) + "r" * (i in rem_ids) + "e" * (i in edge_ids)
+            flags += "z" * (i == zero_id)
             kind = f"att:{flags}" if flags else "bad"
         elif t.startswith(mc.GENDER_PREFIX):
             kind = "gender"
@@ -220,6 +255,46 @@ def _classify(tok: EhrTokenizer) -> list[str]:
             kind = "code"
         kinds.append(kind)
     return kinds
+
+
+def _time_tables(
+    tok: EhrTokenizer, kinds: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``charge [n_states, V]``: days a token moves the cursor in a state; ``need``: the fewest
+    days it commits the record to (``LT``, ``Y<k>``: the shortest gap they can end in);
+    ``visit_charge [V]``: days a token adds to the current visit (``i-D<n>``)."""
+    scheme = tok.att_scheme
+    k_min = tt.LONG_FROM[scheme] // 365
+    n_states, vocab = len(S), len(tok)
+    charge = torch.zeros(n_states, vocab, dtype=torch.long)
+    visit = torch.zeros(vocab, dtype=torch.long)
+    rem_states = {S.LT_REM: k_min + 1, S.LT_REM_EDGE: k_min}
+    for i, (t, kind) in enumerate(zip(tok.tokens, kinds, strict=True)):
+        if kind == "day":
+            visit[i] = int(t[3:])
+            for body in _BODY:
+                charge[body, i] = int(t[3:])
+        elif kind.startswith("att:"):
+            for state in (S.BETWEEN, S.AFTER_DIED):
+                charge[state, i] = tt.att_days([t], scheme)
+            for state, k in rem_states.items():
+                if "r" in kind or "e" in kind:
+                    charge[state, i] = tt.att_days([tt.LONG_TOKEN, f"Y{k}", t], scheme) - 365 * k
+        elif kind in ("y_edge", "y_full"):
+            charge[S.LT_YEAR, i] = 365 * int(t[1:])
+    need = charge.clone()
+    big = 1 << 40
+    flags = [k[4:] if k.startswith("att:") else "" for k in kinds]
+    for state, flag, y_kind in ((S.LT_REM, "r", "y_full"), (S.LT_REM_EDGE, "e", "y_edge")):
+        # Y<k> needs 365 k plus the smallest remainder allowed after it.
+        rem = torch.tensor([flag in f for f in flags])
+        smallest = int(charge[state][rem].min()) if bool(rem.any()) else big
+        ys = torch.tensor([k == y_kind for k in kinds])
+        need[S.LT_YEAR, ys] = charge[S.LT_YEAR, ys] + smallest
+    lt = torch.tensor([k == "lt" for k in kinds])
+    ys = torch.tensor([k in ("y_edge", "y_full") for k in kinds])
+    need[S.BETWEEN, lt] = int(need[S.LT_YEAR][ys].min()) if bool(ys.any()) else big
+    return charge, need, visit
 
 
 class GrammarError(EhrgptError, ValueError):
@@ -331,6 +406,8 @@ class TimelineGrammar:
         self._bias: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self.complete_table = torch.zeros(n_states, dtype=torch.bool)
         self.complete_table[[S.BETWEEN, S.DEAD, S.DONE]] = True
+        self.charge_table, self.need_table, self.visit_charge = _time_tables(tok, kinds)
+        self.vs_id = tok.token_to_id[VS]
         self.device = torch.device("cpu")
         if device is not None:
             self.to(device)
@@ -346,6 +423,9 @@ class TimelineGrammar:
         "complete_table",
         "_trans_flat",
         "_closing_flat",
+        "charge_table",
+        "need_table",
+        "visit_charge",
     )
 
     def to(self, device: torch.device | str) -> TimelineGrammar:
@@ -382,12 +462,15 @@ class TimelineGrammar:
         self,
         batch: int | None = None,
         prompt_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        *,
+        check: bool = True,
     ) -> GrammarState:
         """The state after consuming each prefix (a prompt, a whole history, or nothing).
 
         ``prompt_ids``: one list of ids per sequence, or a LongTensor ``[B, T]`` padded with
-        ``[PAD]`` (left or right). One prefix with ``batch > 1`` is repeated. Raises
-        :class:`GrammarError` naming the prefix and the position of the first refused token.
+        ``[PAD]`` (left or right). One prefix with ``batch > 1`` is repeated. With ``check``
+        raises :class:`GrammarError` naming the prefix and the position of the first refused
+        token; without it a refused prefix's state is ``S.ERROR`` (see :meth:`is_refused`).
         """
         if prompt_ids is None:
             if batch is None:
@@ -398,7 +481,7 @@ class TimelineGrammar:
             if ids.shape[0] != 1:
                 raise ValueError(f"{ids.shape[0]} prompts for a batch of {batch}")
             ids = ids.expand(batch, -1)
-        return self.consume(self._fresh(ids.shape[0]), ids)
+        return self.consume(self._fresh(ids.shape[0]), ids, check=check)
 
     def trace(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
         """The state before each token and after the last: LongTensor ``[B, T + 1]``.
@@ -416,16 +499,22 @@ class TimelineGrammar:
             out[t + 1] = cur
         return out.t()
 
-    def consume(self, state: GrammarState, ids: torch.Tensor) -> GrammarState:
-        """Advance ``state`` over the columns of ``ids`` ``[B, T]``; raises on a refused token."""
+    def consume(
+        self, state: GrammarState, ids: torch.Tensor, *, check: bool = True
+    ) -> GrammarState:
+        """Advance ``state`` over the columns of ``ids`` ``[B, T]``; with ``check`` raises on a
+        refused token (or an id outside the vocabulary), else that row goes to ``S.ERROR``."""
         ids = self._as_ids(ids)
-        self._check_range(ids)
-        cls = self.token_class[ids.t().contiguous()]
+        outside = (ids < 0) | (ids >= self.vocab_size)
+        if check:
+            self._check_range(ids)
+        cls = self.token_class[ids.masked_fill(outside, self.pad_id).t().contiguous()]
         cur = state.state
         for t in range(ids.shape[1]):
             cur = self.transitions[cur, cls[t]]
+        cur = cur.masked_fill(outside.any(dim=1), int(S.ERROR))
         bad = (cur == int(S.ERROR)) & (state.state != int(S.ERROR))
-        if bool(bad.any()):
+        if check and bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             states = self.trace(ids[row : row + 1], state[row])[0]
             pos = int((states[1:] == int(S.ERROR)).nonzero()[0, 0])
@@ -474,6 +563,35 @@ class TimelineGrammar:
         """BoolTensor ``[B]``: the sequence may stop here (after a visit's ``[VE]``, the death
         visit, or ``[END]``); ``[END]`` is allowed in the first two."""
         return self.complete_table[state.state]
+
+    def time_mask(
+        self, state: GrammarState, days_left: torch.Tensor, visit_days_left: torch.Tensor
+    ) -> torch.Tensor:
+        """BoolTensor ``[B, V]``: tokens that keep the record within ``days_left`` more days
+        in all and ``visit_days_left`` more days in the current visit (LongTensors ``[B]``)."""
+        need = self.need_table.index_select(0, state.state)
+        return (need <= days_left[:, None]) & (
+            self.visit_charge[None, :] <= visit_days_left[:, None]
+        )
+
+    def spend_time(
+        self,
+        state: GrammarState,
+        token_ids: torch.Tensor,
+        days_left: torch.Tensor,
+        visit_days_left: torch.Tensor,
+        max_visit_days: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The budgets after one token per sequence in ``state`` (before :meth:`advance`)."""
+        flat = state.state * self.vocab_size + token_ids
+        days = days_left - self.charge_table.reshape(-1).index_select(0, flat)
+        visit = visit_days_left - self.visit_charge.index_select(0, token_ids)
+        visit = torch.where(token_ids == self.vs_id, max_visit_days, visit)
+        return days, visit
+
+    def is_refused(self, state: GrammarState) -> torch.Tensor:
+        """BoolTensor ``[B]``: the sequence holds a token the grammar refuses."""
+        return state.state == int(S.ERROR)
 
     def is_done(self, state: GrammarState) -> torch.Tensor:
         """BoolTensor ``[B]``: ``[END]`` was consumed (only ``[PAD]`` is allowed now)."""

@@ -3,8 +3,9 @@
 - :func:`demographics` counts the demographic prompts (``year:Y age:A GENDER/g RACE/r``) of a
   prepared run's training split; :func:`population_prompts` draws from them, so the synthetic
   population keeps the real mix.
-- :func:`user_prompts` builds prompts from ``--year``, ``--age 60-70`` and ``--gender F``;
-  race (and whatever else is not given) is drawn from the training population.
+- :func:`user_prompts` builds prompts from ``--year`` (1900 up to the training data's last
+  year), ``--age 60-70`` and ``--gender F``; race (and whatever else is not given) is drawn
+  from the training population.
 - :func:`history_prompt` cuts a real patient's tokens at a time (the history up to and
   including that day, ending after a whole visit), and, if it is longer than allowed, keeps the
   most recent visits behind a rebuilt demographic prompt (year and age at the first kept visit).
@@ -24,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from ehrgpt.errors import EhrgptError
+from ehrgpt.tokenizer.decode import MIN_BIRTH_YEAR
 from ehrgpt.tokenizer.vocab import MAX_AGE, VE, VS, YEAR_RANGE, EhrTokenizer
 
 PROMPT_COLUMNS = ("year", "age", "gender", "race")
@@ -89,8 +91,12 @@ def user_prompts(
         pool = pool.filter(pl.col("gender") == code)
         if pool.is_empty():
             pool = table.with_columns(pl.lit(code).alias("gender"))
-    if year is not None and not YEAR_RANGE[0] <= year <= YEAR_RANGE[1]:
-        raise EhrgptError(f"--year {year} is outside {YEAR_RANGE[0]}..{YEAR_RANGE[1]}.")
+    last_year = tok.data_end.year
+    if year is not None and not MIN_BIRTH_YEAR <= year <= last_year:
+        raise EhrgptError(
+            f"--year {year} is outside {MIN_BIRTH_YEAR}..{last_year} (the last year of the "
+            "training data); choose a year in that range."
+        )
     if age is not None and not (0 <= age[0] <= age[1] <= MAX_AGE):
         raise EhrgptError(f"--age {age[0]}-{age[1]} must be a range within 0-{MAX_AGE}.")
     base = population_prompts(pool, n, tok, seed)

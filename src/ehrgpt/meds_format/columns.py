@@ -30,6 +30,8 @@ Codes:
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pyarrow as pa
 
 SUBJECT_ID = "subject_id"
@@ -57,6 +59,10 @@ FALLBACK_CONCEPT_PREFIX = "OMOP_CONCEPT/"
 INPATIENT_VISIT_CONCEPTS: frozenset[int] = frozenset({9201, 262, 8971, 8920})
 #: Discharge to this concept ("Patient died") means death.
 DIED_DISCHARGE_CONCEPT = 4216643
+#: The time of day of a date-only event, event end, visit end or death (the convention of the
+#: field's OMOP ETL, meds_etl): after everything else that day, so a prediction made earlier
+#: that day cannot see it. Visit starts and births keep 00:00:00.
+END_OF_DAY = dt.time(23, 59, 59)
 
 #: The arrow schema of an ehrgpt MEDS data shard (core columns first, then extras).
 EVENT_SCHEMA = pa.schema(

@@ -6,6 +6,8 @@ Layout (MEDS 0.4)::
     meds/metadata/dataset.json
     meds/metadata/codes.parquet            code, description, parent_codes (+ omop columns)
     meds/metadata/subject_splits.parquet   subject_id, split
+    meds/metadata/omop_concepts.parquet    (OMOP sources only) the source's concept rows of
+                                           the codes, copied into synthetic OMOP output
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ehrgpt import __version__
 from ehrgpt.errors import SourceError
 from ehrgpt.util import atomic
 
+#: The OMOP concept rows of a run's codes, as the source's ``concept`` table holds them.
+OMOP_CONCEPTS_FILE = "omop_concepts.parquet"
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 

@@ -1,6 +1,7 @@
 """The ehrgpt decoder and its pretraining heads (Hugging Face single-model-file style).
 
-A decoder-only transformer over patient timelines, with four heads trained together (SPEC 5):
+A decoder-only transformer over patient timelines, with four heads trained together
+(docs/method.md section 7):
 
 1. next token: cross-entropy over the vocabulary;
 2. time decomposition: where the next token starts an ATT, its (years, months, days) parts,
@@ -14,6 +15,13 @@ non-finite / negative gap, means "no target"); padding never enters a count (the
 divides by counts that include padding and masks the value loss at the wrong position).
 Targets are built per record by :func:`ehrgpt.training.targets.make_targets`; the model only
 consumes them.
+
+The forward also returns each term's **sum** over its target positions (``loss_sums``) and
+its count (``n_targets``), so that a step made of several micro-batches (gradient
+accumulation, data-parallel ranks) can divide each sum by the count of the *whole step*
+(:func:`count_targets` before the forwards, then :meth:`EhrGptForCausalLM.total_loss`):
+a sparse term (values, time) is then weighted by target, not by micro-batch. The weights of
+the terms live in the config and are applied in :func:`combine_losses` only.
 
 Block design (choices, against the reference's GPT-2 and Qwen2 backbones):
 
@@ -69,11 +77,14 @@ from ehrgpt.model.configuration import EhrGptConfig
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_TERMS",
     "EhrGptForCausalLM",
     "EhrGptModel",
     "EhrGptOutput",
     "EhrGptPreTrainedModel",
     "block_causal_mask",
+    "combine_losses",
+    "count_targets",
     "estimate_flops_per_token",
     "gamma_nll",
     "positions_from_segments",
@@ -84,6 +95,85 @@ IGNORE_INDEX = -100
 GAMMA_CLAMP = (1e-3, 1e3)
 #: The Gamma head starts at shape 1, rate 1/GAP_PRIOR_DAYS (an exponential with this mean).
 GAP_PRIOR_DAYS = 100.0
+
+#: The loss terms: each is a sum over the positions that have its target, divided by their
+#: number. The three time parts are each a mean of their own; their sum is the
+#: ``time_decomposition`` loss of docs/method.md section 7.
+LOSS_TERMS = ("next_token", "time_year", "time_month", "time_day", "time_to_visit", "value")
+#: The forward argument that holds each term's target.
+TERM_TARGETS = {
+    "next_token": "labels",
+    "time_year": "time_year",
+    "time_month": "time_month",
+    "time_day": "time_day",
+    "time_to_visit": "time_gap",
+    "value": "value_bin",
+}
+#: The config field that weights each term in the total.
+TERM_WEIGHTS = {
+    "next_token": "next_token_weight",
+    "time_year": "time_decomposition_weight",
+    "time_month": "time_decomposition_weight",
+    "time_day": "time_decomposition_weight",
+    "time_to_visit": "time_to_visit_weight",
+    "value": "value_weight",
+}
+TIME_PARTS = ("time_year", "time_month", "time_day")
+
+
+# -- loss accounting ------------------------------------------------------------------------
+
+
+def has_target(term: str, target: torch.Tensor) -> torch.Tensor:
+    """Where ``target`` (of loss ``term``) exists: not -100; for the gap, finite and >= 0.
+
+    >>> has_target("time_to_visit", torch.tensor([3.0, float("nan"), -1.0, 0.0])).tolist()
+    [True, False, False, True]
+    >>> has_target("value", torch.tensor([2, -100])).tolist()
+    [True, False]
+    """
+    if term == "time_to_visit":
+        return torch.isfinite(target) & (target >= 0)
+    return target != IGNORE_INDEX
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Positions with a target, per loss term, in a batch of forward arguments.
+
+    Terms whose target is not in ``batch`` are left out. A trainer adds these counts over the
+    micro-batches (and ranks) of an optimizer step before running any forward.
+
+    >>> b = {"labels": torch.tensor([[5, 6, -100]]), "time_gap": torch.tensor([[1.0, 2.0, 3.0]])}
+    >>> {k: int(v) for k, v in count_targets(b).items()}
+    {'next_token': 2, 'time_to_visit': 3}
+    """
+    return {
+        term: has_target(term, batch[key]).sum()
+        for term, key in TERM_TARGETS.items()
+        if batch.get(key) is not None
+    }
+
+
+def combine_losses(
+    sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], config: EhrGptConfig
+) -> torch.Tensor:
+    """The total loss: sum over terms of weight x (sum of the term) / (its count).
+
+    ``counts`` may be those of a whole optimizer step while ``sums`` are one micro-batch's:
+    the gradients of the micro-batches then add up to the gradient of the step's loss. A term
+    without targets adds 0 (its sum is 0) and stays in the graph.
+
+    >>> c = EhrGptConfig(vocab_size=10, hidden_size=8, num_attention_heads=2, value_weight=0.5)
+    >>> sums = {"next_token": torch.tensor(6.0), "value": torch.tensor(3.0)}
+    >>> float(combine_losses(sums, {"next_token": 3, "value": 2}, c))
+    2.75
+    """
+    total = 0.0
+    for term, value in sums.items():
+        n = counts[term]
+        n = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+        total = total + getattr(config, TERM_WEIGHTS[term]) * value / n
+    return total
 
 
 # -- attention helpers ------------------------------------------------------------------------
@@ -383,7 +473,10 @@ class EhrGptOutput(ModelOutput):
         losses: each loss term, detached: ``next_token``, ``time_year``, ``time_month``,
             ``time_day``, ``time_decomposition`` (the sum of the three), ``time_to_visit``,
             ``value``.
-        n_targets: positions each loss averaged over (for token-weighted accumulation).
+        loss_sums: each term of :data:`LOSS_TERMS` summed over its target positions, in the
+            graph (fp32): with counts of a whole optimizer step, :meth:`total_loss` gives the
+            exact step loss of a micro-batch.
+        n_targets: positions each loss averaged over (:func:`count_targets`).
         time_year_logits, time_month_logits, time_day_logits: parts of the next ATT [B, T, C].
         time_gap_shape, time_gap_rate: Gamma parameters of (next gap in days + 1) [B, T].
         value_logits: bin of the next value token [B, T, n_value_bins].
@@ -393,6 +486,7 @@ class EhrGptOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] | None = None
+    loss_sums: dict[str, torch.Tensor] | None = None
     n_targets: dict[str, torch.Tensor] | None = None
     time_year_logits: torch.Tensor | None = None
     time_month_logits: torch.Tensor | None = None
@@ -413,16 +507,14 @@ def gamma_nll(shape: torch.Tensor, rate: torch.Tensor, x: torch.Tensor) -> torch
     return torch.lgamma(shape) - shape * rate.log() - (shape - 1) * x.log() + rate * x
 
 
-def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over positions whose target is not -100 (0 when there are none)."""
-    n = (target != IGNORE_INDEX).sum()
-    total = F.cross_entropy(
+def _ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the positions whose target is not -100 (fp32)."""
+    return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         target.reshape(-1).long(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return total / n.clamp(min=1), n
 
 
 class EhrGptForCausalLM(EhrGptPreTrainedModel, GenerationMixin):
@@ -483,7 +575,6 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel, GenerationMixin):
             logits_to_keep: if > 0, heads run on the last ``logits_to_keep`` positions only.
         """
         del use_cache, return_dict
-        c = self.config
         h = self.model(
             input_ids, position_ids, segment_ids, attention_mask, cache=cache
         ).last_hidden_state
@@ -501,42 +592,66 @@ class EhrGptForCausalLM(EhrGptPreTrainedModel, GenerationMixin):
             last_hidden_state=h,
             cache=cache,
         )
-        terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if labels is not None:
-            terms["next_token"] = _masked_ce(out.logits, labels)
-        time_parts = (
-            ("time_year", out.time_year_logits, time_year),
-            ("time_month", out.time_month_logits, time_month),
-            ("time_day", out.time_day_logits, time_day),
-        )
-        for name, logits, target in time_parts:
-            if target is not None:
-                terms[name] = _masked_ce(logits, target)
-        if time_gap is not None:
-            valid = torch.isfinite(time_gap) & (time_gap >= 0)
-            nll = gamma_nll(
-                out.time_gap_shape[valid], out.time_gap_rate[valid], time_gap[valid].float() + 1.0
-            )
-            n = valid.sum()
-            terms["time_to_visit"] = (nll.sum() / n.clamp(min=1), n)
-        if value_bin is not None:
-            terms["value"] = _masked_ce(out.value_logits, value_bin)
-        if not terms:
-            return out
-
-        parts = [terms[k] for k in ("time_year", "time_month", "time_day") if k in terms]
-        if parts:
-            terms["time_decomposition"] = (sum(p[0] for p in parts), parts[0][1])
-        weights = {
-            "next_token": c.next_token_weight,
-            "time_decomposition": c.time_decomposition_weight,
-            "time_to_visit": c.time_to_visit_weight,
-            "value": c.value_weight,
+        targets = {
+            "labels": labels,
+            "time_year": time_year,
+            "time_month": time_month,
+            "time_day": time_day,
+            "time_gap": time_gap,
+            "value_bin": value_bin,
         }
-        out.loss = sum(weights[k] * terms[k][0] for k in weights if k in terms)
-        out.losses = {k: v.detach() for k, (v, _) in terms.items()}
-        out.n_targets = {k: n.detach() for k, (_, n) in terms.items()}
+        counts = count_targets(targets)
+        if not counts:
+            return out
+        sums = self._loss_sums(out, targets, counts)
+        out.loss = self.total_loss(sums, counts)
+        out.loss_sums = sums
+        losses = {k: sums[k].detach() / counts[k].clamp(min=1) for k in sums}
+        parts = [k for k in TIME_PARTS if k in sums]
+        if parts:  # a sum of three means, docs/method.md section 7
+            losses["time_decomposition"] = sum(losses[k] for k in parts)
+            counts["time_decomposition"] = counts[parts[0]]
+        out.losses = losses
+        out.n_targets = {k: n.detach() for k, n in counts.items()}
         return out
+
+    def _loss_sums(
+        self,
+        out: EhrGptOutput,
+        targets: dict[str, torch.Tensor | None],
+        counts: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Each term's loss summed over the positions that have its target (fp32)."""
+        logits = {
+            "next_token": out.logits,
+            "time_year": out.time_year_logits,
+            "time_month": out.time_month_logits,
+            "time_day": out.time_day_logits,
+            "value": out.value_logits,
+        }
+        sums: dict[str, torch.Tensor] = {}
+        for term in counts:
+            target = targets[TERM_TARGETS[term]]
+            if term == "time_to_visit":
+                valid = has_target(term, target)
+                sums[term] = gamma_nll(
+                    out.time_gap_shape[valid],
+                    out.time_gap_rate[valid],
+                    target[valid].float() + 1.0,
+                ).sum()
+            else:
+                sums[term] = _ce_sum(logits[term], target)
+        return sums
+
+    def total_loss(
+        self, loss_sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The weighted total of ``loss_sums`` divided by ``counts`` (see :func:`combine_losses`).
+
+        A trainer passes one micro-batch's ``loss_sums`` with the counts of its whole
+        optimizer step; the forward's own ``loss`` is this with the batch's own counts.
+        """
+        return combine_losses(loss_sums, counts, self.config)
 
 
 def estimate_flops_per_token(config: EhrGptConfig, seq_len: int | None = None) -> float:

@@ -3,12 +3,20 @@
 Patients are generated in chunks: each chunk's prompts go through the
 :class:`~ehrgpt.generation.engine.Engine`, each sequence is decoded
 (:func:`~ehrgpt.tokenizer.decode.decode_ids`; a random day of the prompt's year starts the
-timeline), and the MEDS rows are appended to ``OUT/meds`` by a streaming
-:class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many patients are asked
-for. Sequences that do not decode are counted by reason and not written.
+timeline; :func:`~ehrgpt.tokenizer.decode.check_plausible` rejects impossible dates and ages;
+numeric values are drawn inside their bin), and the MEDS rows are appended to ``OUT/meds``
+by a streaming :class:`~ehrgpt.sinks.meds.MedsWriter`, so memory stays flat however many
+patients are asked for. Sequences that do not decode or are not plausible, and prompts the
+grammar refuses, are counted by reason and not written.
 
-Synthetic subject ids are ``id_offset + i`` for patient ``i`` (default offset 10**12), above any
-real id; the run refuses an offset at or below the largest id of the training data.
+Identifiers. Synthetic subject ids (and OMOP person ids) are ``id_offset + i`` for patient
+``i``. By default ``id_offset`` is one above the largest person id of the training data and of
+the OMOP target, so that synthetic and real patients never share an id, and every id stays at
+or below 2**31 - 1, which the 32-bit ``integer`` id columns of the official CDM 5.4 DDL hold.
+Before anything is generated the run reads the types of the target's id columns and refuses
+ids they cannot hold. MEDS visit ids are numbered across the whole synthetic dataset, from above
+the training data's visit ids; OMOP visit and event ids continue above the target's largest id
+(never 0). The ids chosen are kept in ``OUT/.parts/ids.json`` so that ``--resume`` reuses them.
 
 Under ``torchrun --nproc_per_node=N`` each process takes the patients ``i`` with
 ``i % N == rank`` into ``OUT/.parts/rank-<r>``; rank 0 then merges the parts into ``OUT/meds``
@@ -29,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrgpt.errors import EhrgptError, OutputExistsError
+from ehrgpt.errors import EhrgptError, OutputExistsError, SinkError
 from ehrgpt.generation.engine import Engine, SamplingConfig
 from ehrgpt.generation.prompts import (
     load_demographics,
@@ -37,8 +45,17 @@ from ehrgpt.generation.prompts import (
     population_prompts,
     user_prompts,
 )
-from ehrgpt.sinks.meds import MedsWriter
-from ehrgpt.tokenizer.decode import DecodeError, decode_ids, timeline_to_meds
+from ehrgpt.meds_format.dataset import OMOP_CONCEPTS_FILE
+from ehrgpt.sinks.meds import MedsWriter, renumber_visits
+from ehrgpt.sinks.omop.events import with_omop_tables
+from ehrgpt.sinks.omop.schema import INT32_MAX
+from ehrgpt.tokenizer.decode import (
+    DecodeError,
+    check_plausible,
+    day_budget,
+    decode_ids,
+    timeline_to_meds,
+)
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
 from ehrgpt.util import atomic
@@ -46,8 +63,20 @@ from ehrgpt.util.progress import track
 
 log = logging.getLogger(__name__)
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
-SYNTHETIC_ID_OFFSET = 10**12
 PARTS = ".parts"
+#: Written by ``ehrgpt train`` into the model folder: the training data's largest ids.
+DATA_IDS_FILE = "data_ids.json"
+IDS_FILE = "ids.json"
+
+
+@dataclass
+class IdPlan:
+    """The ids of a generation run: subject (person) ids ``id_offset + i``, MEDS visit ids from
+    ``visit_id_start``, OMOP visit and event ids from ``first_record_id``."""
+
+    id_offset: int
+    visit_id_start: int
+    first_record_id: int
 
 
 @dataclass
@@ -61,6 +90,7 @@ class GenerateResult:
     new_tokens: int = 0
     seconds: float = 0.0
     omop: str | None = None
+    id_offset: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -133,7 +163,7 @@ def generate(
     year: int | None = None,
     age: str | None = None,
     gender: str | None = None,
-    id_offset: int = SYNTHETIC_ID_OFFSET,
+    id_offset: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str | None = None,
@@ -146,7 +176,7 @@ def generate(
     if n < 1:
         raise EhrgptError("--n must be at least 1.")
     out = Path(out)
-    if id_offset <= 0:
+    if id_offset is not None and id_offset <= 0:
         raise EhrgptError("--id-offset must be positive (synthetic ids above every real id).")
     if out.exists() and not (resume or overwrite):
         raise OutputExistsError(
@@ -207,6 +237,10 @@ def _generate(
     if rank == 0 and overwrite and out.exists() and not resume:
         shutil.rmtree(out)
     dist.barrier(info)
+    data_dir = _data_dir(model_dir, prompts_from)
+    plan = _id_plan(out, fmt, n, id_offset, data_dir, model_dir) if rank == 0 else None
+    plan = dist.broadcast_object(plan, info)
+    id_offset = plan.id_offset
     model, tok = load_model(model_dir)
     context = model.config.max_position_embeddings
     if sampling.max_new_tokens > context - 4:
@@ -218,13 +252,13 @@ def _generate(
             context - 4,
         )
         sampling = replace(sampling, max_new_tokens=context - 4)
-    table = load_demographics(model_dir, _data_dir(model_dir, prompts_from), tok)
+    table = load_demographics(model_dir, data_dir, tok)
     if year is None and age is None and gender is None:
         prompts = population_prompts(table, n, tok, seed)
     else:
         prompts = user_prompts(table, n, tok, seed, year=year, age=parse_age(age), gender=gender)
 
-    codes = _codes(model_dir, _data_dir(model_dir, prompts_from), tok)
+    codes = _codes(model_dir, data_dir, tok)
     part = out / PARTS / f"rank-{rank}"
     writer = MedsWriter(part, codes=codes, dataset_name="ehrgpt-synthetic")
     done = {s - id_offset for s in writer.completed_subjects()}
@@ -242,33 +276,146 @@ def _generate(
     ):
         frames = []
         results = engine.generate(
-            [prompts[i] for i in chunk], sampling, seed=seed * 1_000_003 + chunk[0]
+            [prompts[i] for i in chunk],
+            sampling,
+            seed=seed * 1_000_003 + chunk[0],
+            day_budgets=[_day_budget(prompts[i], tok) for i in chunk],
         )
         for res in results:
             i = chunk[res.index]
+            if res.finish == "refused":
+                rejected["prompt refused by the grammar"] += 1
+                continue
             rng = np.random.default_rng([seed, i])
             try:
                 timeline = decode_ids(res.token_ids, tok, rng=rng)
+                check_plausible(timeline, tok)
             except DecodeError as exc:
                 rejected[exc.reason] += 1
                 continue
             except (OverflowError, ValueError):  # dates beyond the calendar
                 rejected["date out of range"] += 1
                 continue
-            frames.append(timeline_to_meds(timeline, tok, id_offset + i))
+            frames.append(timeline_to_meds(timeline, tok, id_offset + i, rng=rng))
         if frames:
-            writer.write(pl.concat(frames))
+            writer.write(with_omop_tables(pl.concat(frames), codes))
         writer.flush()
     writer.close()
     atomic.write_json(
         part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
     )
     dist.barrier(info)
-    result = GenerateResult(out, n, 0, new_tokens=engine.stats.new_tokens)
+    result = GenerateResult(out, n, 0, new_tokens=engine.stats.new_tokens, id_offset=id_offset)
     if rank == 0:
-        result = _finish(out, world, codes, fmt, id_offset, result, progress)
+        concepts = _omop_concepts(model_dir, data_dir)
+        result = _finish(out, world, codes, concepts, fmt, plan, result, progress)
     result.seconds = time.perf_counter() - started
+    if rank == 0:
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+        atomic.write_json(out / "generate_summary.json", asdict(result) | {"out": str(out)})
     return result
+
+
+def training_max_ids(data_dir: Path | None) -> tuple[int, int] | None:
+    """(largest subject id, largest visit id) of a prepared run's MEDS data; None without it."""
+    files = sorted((data_dir / "meds" / "data").rglob("*.parquet")) if data_dir else []
+    if not files:
+        return None
+    row = (
+        pl.scan_parquet(files)
+        .select(pl.col("subject_id").max(), pl.col("visit_id").max())
+        .collect()
+        .row(0)
+    )
+    return int(row[0] if row[0] is not None else 0), int(row[1] if row[1] is not None else 0)
+
+
+def _omop_target(fmt: str, out: Path) -> tuple[str, str] | None:
+    """(target, kind) of the OMOP output, or None for MEDS only."""
+    if fmt.startswith(("postgresql://", "postgres://")):
+        return fmt, "postgresql"
+    if fmt == "meds":
+        return None
+    kind = fmt.removeprefix("omop-")
+    return str(out / ("omop.duckdb" if kind == "duckdb" else "omop")), kind
+
+
+def _id_plan(
+    out: Path,
+    fmt: str,
+    n: int,
+    id_offset: int | None,
+    data_dir: Path | None,
+    model_dir: Path,
+) -> IdPlan:
+    """The run's ids (see the module docstring): reused from an interrupted run, else chosen
+    above the training data and the OMOP target, and checked against the target's id columns
+    before anything is generated."""
+    from ehrgpt.sinks.omop import OmopWriter
+
+    saved = out / PARTS / IDS_FILE
+    if saved.exists():
+        plan = IdPlan(**json.loads(saved.read_text()))
+        if id_offset is not None and id_offset != plan.id_offset:
+            raise EhrgptError(
+                f"{out} was started with --id-offset {plan.id_offset}; resume it with that "
+                "offset (or without --id-offset), or start over with --overwrite."
+            )
+        return plan
+    data_ids = Path(model_dir) / DATA_IDS_FILE
+    if data_ids.exists():
+        ids = atomic.read_json(data_ids)
+        training = (int(ids["max_subject_id"]), int(ids["max_visit_id"]))
+    else:
+        training = training_max_ids(data_dir)
+    if training is None:
+        log.warning(
+            "The training data of this model is not found, so synthetic ids cannot be placed "
+            "above its ids; give --prompts-from RUN_DIR (the prepared run) or --id-offset."
+        )
+    max_subject, max_visit = training or (0, 0)
+    target = _omop_target(fmt, out)
+    max_person, next_record = 0, 1
+    writer = None
+    if target is not None:
+        codes = pl.DataFrame({"code": []}, schema={"code": pl.String})
+        writer = OmopWriter(target[0], fmt=target[1], codes=codes, id_offset=0)
+    try:
+        if writer is not None:
+            max_person, next_record = max(writer.max_person_id(), 0), writer.next_id
+        chosen = id_offset if id_offset is not None else max(max_subject, max_person) + 1
+        last = chosen + n - 1
+        if id_offset is None and last > INT32_MAX:
+            raise EhrgptError(
+                f"Synthetic person ids above the largest real one ({chosen - 1:,}) would reach "
+                f"{last:,}, above 2**31 - 1 (what CDM 5.4 integer ids hold); generate fewer "
+                "patients or give --id-offset for a target with bigint ids."
+            )
+        if id_offset is not None and id_offset <= max_subject:
+            raise EhrgptError(
+                f"--id-offset {id_offset} is not above the largest person id of the training "
+                f"data ({max_subject}); synthetic patients would share ids with real ones."
+            )
+        plan = IdPlan(chosen, max(chosen, max_visit + 1), max(chosen, next_record))
+        if writer is not None:
+            taken = [p for p in writer.person_ids(chosen) if p <= last]
+            if taken:
+                raise EhrgptError(
+                    f"Person id {min(taken)} is already in {writer.target}; give an "
+                    f"--id-offset above {writer.max_person_id()} or write to another target."
+                )
+            writer.check_ids(last, plan.first_record_id)
+    finally:
+        if writer is not None:
+            writer.close()
+    atomic.write_json(saved, asdict(plan))
+    return plan
+
+
+def _day_budget(prompt: list[int], tok: EhrTokenizer) -> int:
+    """The day budget of a demographic prompt (``year:Y age:A ...``)."""
+    year, age = tok.tokens[prompt[0]], tok.tokens[prompt[1]]
+    return day_budget(int(year[5:]), int(age[4:]) if age[4:].isdigit() else None, tok)
 
 
 def _codes(model_dir: Path, data_dir: Path | None, tok: EhrTokenizer) -> pl.DataFrame:
@@ -280,16 +427,27 @@ def _codes(model_dir: Path, data_dir: Path | None, tok: EhrTokenizer) -> pl.Data
     return pl.DataFrame({"code": [t for t in tok.tokens]})
 
 
+def _omop_concepts(model_dir: Path, data_dir: Path | None) -> pl.DataFrame | None:
+    """The real OMOP concept rows of the training codes (an OMOP source's vocabulary)."""
+    for folder in (Path(model_dir), *([data_dir / "meds" / "metadata"] if data_dir else [])):
+        path = folder / OMOP_CONCEPTS_FILE
+        if path.exists():
+            return pl.read_parquet(path)
+    return None
+
+
 def _finish(
     out: Path,
     world: int,
     codes: pl.DataFrame,
+    concepts: pl.DataFrame | None,
     fmt: str,
-    id_offset: int,
+    plan: IdPlan,
     result: GenerateResult,
     progress: bool,
 ) -> GenerateResult:
-    """Merge the ranks' MEDS parts into OUT/meds; write the OMOP tables if asked."""
+    """Merge the ranks' MEDS parts into OUT/meds (visit ids numbered across the dataset);
+    write the OMOP tables if asked."""
     final = out / "meds"
     shutil.rmtree(final, ignore_errors=True)
     writer = MedsWriter(final, codes=codes, dataset_name="ehrgpt-synthetic")
@@ -297,8 +455,10 @@ def _finish(
     new_tokens = 0
     parts = [out / PARTS / f"rank-{r}" for r in range(world)]
     shards = [s for p in parts for s in sorted((p / "data").rglob("*.parquet"))]
+    next_visit = plan.visit_id_start
     for shard in track(shards, len(shards), "Merging", unit="shards", enabled=progress):
-        writer.write(pl.read_parquet(shard))
+        rows, next_visit = renumber_visits(pl.read_parquet(shard), next_visit)
+        writer.write(rows)
     summary = writer.close()
     for p in parts:
         stats = json.loads((p / "stats.json").read_text())
@@ -307,28 +467,50 @@ def _finish(
     result.written = summary.n_subjects
     result.rejected = dict(rejected)
     result.new_tokens = max(result.new_tokens, new_tokens)
-    if fmt != "meds":
-        result.omop = _write_omop(final, codes, fmt, out, progress)
-    shutil.rmtree(out / PARTS, ignore_errors=True)
-    atomic.write_json(out / "generate_summary.json", asdict(result) | {"out": str(out)})
+    target = _omop_target(fmt, out)
+    if target is not None:
+        try:
+            _write_omop(final, codes, concepts, target, plan, progress)
+        except EhrgptError as exc:
+            raise SinkError(
+                f"{exc} The synthetic MEDS is kept in {final}; run again with --resume to "
+                "retry the OMOP output."
+            ) from None
+        result.omop = target[0] if target[1] != "postgresql" else _masked(target[0])
     return result
 
 
-def _write_omop(meds_dir: Path, codes: pl.DataFrame, fmt: str, out: Path, progress: bool) -> str:
+def _masked(url: str) -> str:
+    from ehrgpt.util.urls import mask_url
+
+    return mask_url(url)
+
+
+def _write_omop(
+    meds_dir: Path,
+    codes: pl.DataFrame,
+    concepts: pl.DataFrame | None,
+    target: tuple[str, str],
+    plan: IdPlan,
+    progress: bool,
+) -> None:
     """Write the synthetic MEDS as OMOP CDM tables; persons already there are skipped.
 
-    Person ids are the MEDS subject ids (above every real id); visit and event ids continue
-    after the largest id already in the target.
+    Person ids are the MEDS subject ids; visit and event ids start at ``first_record_id`` (or
+    above the largest id already in the target). The real concept rows of the training codes
+    are copied into a target without a vocabulary.
     """
     from ehrgpt.sinks.omop import OmopWriter
 
-    if fmt.startswith(("postgresql://", "postgres://")):
-        target, kind = fmt, "postgresql"
-    else:
-        kind = fmt.removeprefix("omop-")
-        target = str(out / ("omop.duckdb" if kind == "duckdb" else "omop"))
     shards = sorted((meds_dir / "data").rglob("*.parquet"))
-    with OmopWriter(target, fmt=kind, codes=codes, id_offset=0) as writer:
+    with OmopWriter(
+        target[0],
+        fmt=target[1],
+        codes=codes,
+        id_offset=0,
+        first_id=plan.first_record_id,
+        concept_table=concepts,
+    ) as writer:
         done = writer.completed_subjects()
         for shard in track(shards, len(shards), "OMOP", unit="shards", enabled=progress):
             rows = pl.read_parquet(shard)
@@ -336,4 +518,3 @@ def _write_omop(meds_dir: Path, codes: pl.DataFrame, fmt: str, out: Path, progre
                 rows = rows.filter(~pl.col("subject_id").is_in(list(done)))
             if rows.height:
                 writer.write(rows)
-    return target

@@ -33,6 +33,7 @@ from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.util import atomic
 from ehrgpt.util.progress import track
+from ehrgpt.util.urls import mask_url
 
 TOKENIZED = "tokenized"
 
@@ -144,7 +145,7 @@ def prepare(
             tmp / "config.json",
             {
                 "command": "prepare",
-                "source": str(source),
+                "source": mask_url(str(source)),  # never a password (README, prepare)
                 "out": str(out),
                 "att_scheme": att_scheme,
                 "min_prevalence": min_prevalence,
@@ -218,7 +219,9 @@ def _prepare_into(
 
     train = [p for p in meds.shards if p.parent.name == "train"]
     if not train:
-        raise EhrgptError(f"No training subjects in {source}: the split left the train set empty.")
+        raise EhrgptError(
+            f"No training subjects in {mask_url(str(source))}: the split left the train set empty."
+        )
     tokenizer, n_added = fit_tokenizer(
         train,
         att_scheme=att_scheme,
@@ -256,6 +259,13 @@ def _prepare_into(
         f"records under {MIN_PRETRAIN_TOKENS} tokens (not for pretraining)": stats.short_records,
         "out-of-vocabulary tokens ([OOV])": stats.oov_tokens,
         "distinct out-of-vocabulary codes": len(stats.oov_codes),
+        **{
+            f"{cls.split('/')[0].lower()} codes outside the vocabulary ({cls})": n
+            for cls, n in stats.summary()["unknown_structure"].items()
+        },
+        "static codes left out (ETHNICITY/...)": stats.static_codes_left_out,
+        "deaths (MEDS_DEATH or discharge to death)": stats.deaths,
+        "visits after a discharge to death (left out)": stats.visits_after_death_left_out,
         "numeric values as bin tokens": stats.values_binned,
         "numeric values without bins (< 40 values)": stats.values_without_bins,
         "events moved to their visit start": stats.events_moved_to_visit_start,

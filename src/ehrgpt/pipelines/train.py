@@ -235,13 +235,22 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def _save_demographics(data: Path, out: Path, tok) -> None:
     """What ``ehrgpt generate`` needs from the data: the training split's demographic prompts
-    with counts, and the code metadata (OMOP concept ids and domains, for the OMOP output)."""
+    with counts, the code metadata (OMOP concept ids and domains) and the real concept rows
+    (for the OMOP output), and the data's largest subject and visit ids (synthetic ids start
+    above them), so a model folder generates alone."""
     from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
 
     atomic.write_parquet(out / DEMOGRAPHICS_FILE, demographics(data, tok))
-    codes = data / "meds" / "metadata" / "codes.parquet"
-    if codes.exists():
-        atomic.copy_file(codes, out / "codes.parquet")
+    from ehrgpt.meds_format.dataset import OMOP_CONCEPTS_FILE
+    from ehrgpt.pipelines.generate import DATA_IDS_FILE, training_max_ids
+
+    for name in ("codes.parquet", OMOP_CONCEPTS_FILE):
+        meta = data / "meds" / "metadata" / name
+        if meta.exists():
+            atomic.copy_file(meta, out / name)
+    ids = training_max_ids(data)
+    if ids is not None:
+        atomic.write_json(out / DATA_IDS_FILE, {"max_subject_id": ids[0], "max_visit_id": ids[1]})
 
 
 def _save_best(model, out: Path, tokenizer_dir: Path, state: TrainState) -> None:
@@ -463,9 +472,8 @@ def write_model_card(
     mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a (no known peak for this device)"
     last_val = {}
     if (out / METRICS).exists():
-        from ehrgpt.training.trainer import read_jsonl
 
-        for r in read_jsonl(out / METRICS):
+        for r in atomic.read_jsonl(out / METRICS):
             if r.get("step") == result.best_step and "val_losses" in r:
                 last_val = r["val_losses"]
     samples = d.get("samples_epoch0", {})

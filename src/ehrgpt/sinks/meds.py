@@ -42,6 +42,7 @@ __all__ = [
     "MedsWriter",
     "as_event_frame",
     "column_or_null",
+    "renumber_visits",
     "used_codes",
 ]
 
@@ -270,6 +271,37 @@ def _split_column(rows: pl.DataFrame, split: str | pl.DataFrame | None, default:
         .fill_null(default)
         .alias("_split")
     )
+
+
+def renumber_visits(frame: pl.DataFrame, start: int) -> tuple[pl.DataFrame, int]:
+    """(rows, next): the rows with visit ids numbered from ``start`` across subjects (in order
+    of subject and visit start), as in prepared MEDS where a visit id names one visit of the
+    whole dataset; ``next`` is the first id a following chunk may use.
+
+    >>> import datetime as dt
+    >>> d = dt.datetime
+    >>> rows = pl.DataFrame({"subject_id": [7, 7, 7, 3, 3], "visit_id": [1, 1, 2, 1, None],
+    ...     "time": [d(2000, 1, 1), d(2000, 1, 1), d(2001, 1, 1), d(1990, 1, 1), None]})
+    >>> out, nxt = renumber_visits(rows, 100)
+    >>> out["visit_id"].to_list(), nxt
+    ([101, 101, 102, 100, None], 103)
+    """
+    key = [mc.SUBJECT_ID, mc.VISIT_ID]
+    visits = (
+        frame.filter(pl.col(mc.VISIT_ID).is_not_null())
+        .group_by(key)
+        .agg(pl.col(mc.TIME).min().alias("_start"))
+        .sort(mc.SUBJECT_ID, "_start", mc.VISIT_ID, nulls_last=True)
+        .with_columns((pl.int_range(pl.len(), dtype=pl.Int64) + start).alias("_new"))
+    )
+    out = (
+        frame.join(
+            visits.drop("_start"), on=key, how="left", nulls_equal=False, maintain_order="left"
+        )
+        .with_columns(pl.col("_new").alias(mc.VISIT_ID))
+        .drop("_new")
+    )
+    return out, start + visits.height
 
 
 def used_codes(rows: pl.LazyFrame) -> pl.LazyFrame:

@@ -12,6 +12,12 @@ Visits: MEDS has no visit concept. When the data has no ``visit_id`` column, a r
 
 Visits made this way have the unknown visit type (``VISIT/UNKNOWN``). Codes ``VISIT/...``
 at a visit's start and ``DISCHARGE/...`` inside it are understood when the data has them.
+
+When the data has a ``visit_id`` column, an event whose ``visit_id`` is null goes to a visit of
+its subject whose [start, end] covers its day, else to a visit per subject and day, as on the
+OMOP path (:func:`ehrgpt.sources.omop_to_meds.attach_to_visits`), and the data-quality report
+counts them. A visit spans from its first row to its last row or its ``VISIT/`` row's ``end``.
+Times with a time zone (``end``) are read in UTC.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import re
 import shutil
 from pathlib import Path
 
-import duckdb
 import polars as pl
 
 from ehrgpt.errors import SourceError
@@ -34,7 +39,8 @@ from ehrgpt.meds_format.dataset import (
     write_metadata,
 )
 from ehrgpt.quality import QualityReport
-from ehrgpt.sources.omop_to_meds import MedsResult, sort_partitions
+from ehrgpt.sources.omop import duckdb_connect
+from ehrgpt.sources.omop_to_meds import MedsResult, attach_to_visits, sort_partitions
 from ehrgpt.util.progress import Steps
 from ehrgpt.util.sql import sql_ident as quote
 from ehrgpt.util.sql import sql_str
@@ -106,6 +112,72 @@ def _splits(src: Path, con, shards_sql: str, seed: int) -> pl.DataFrame:
     return given
 
 
+_TIMED = f"time IS NOT NULL AND code NOT IN ('{mc.BIRTH_CODE}', '{mc.DEATH_CODE}')"
+
+
+def _typed_columns(columns: set[str]) -> list[str]:
+    """SELECT items: the core columns and each extra column the data has, in ehrgpt's types."""
+    select = ["subject_id", "CAST(time AS TIMESTAMP) AS time", "code"]
+    for col in (mc.NUMERIC_VALUE, mc.TEXT_VALUE, *mc.EXTRA_COLUMNS):
+        if col in columns:
+            # Quoted: ``end`` is an SQL keyword.
+            select.append(f"CAST({quote(col)} AS {_SQL_TYPES[col]}) AS {quote(col)}")
+    return select
+
+
+def _output_columns(columns: set[str], visit_expr: str, alias: str = "") -> list[str]:
+    outer = [f"{alias}subject_id", f"{alias}time", f"{alias}code"]
+    for col in (mc.NUMERIC_VALUE, mc.TEXT_VALUE, *mc.EXTRA_COLUMNS):
+        name = quote(col)
+        if col == mc.VISIT_ID:
+            outer.append(f"{visit_expr} AS {name}")
+        elif col in columns:
+            outer.append(f"{alias}{name}")
+        else:
+            outer.append(f"NULL::{_SQL_TYPES[col]} AS {name}")
+    return outer
+
+
+def _rows_by_rule(shards_sql: str, columns: set[str], visit_rule: str) -> str:
+    """SQL of the MEDS rows, with visit ids made by ``visit_rule`` (data without visit_id)."""
+    new_visit, visit_expr = visit_rule_sql(visit_rule)
+    return f"""
+        SELECT {", ".join(_output_columns(columns, visit_expr))} FROM (
+            SELECT *, {new_visit} AS new_visit FROM (
+                SELECT {", ".join(_typed_columns(columns))}, ({_TIMED}) AS timed
+                FROM {shards_sql}))"""
+
+
+def _rows_with_visits(con, shards_sql: str, columns: set[str], quality: QualityReport) -> str:
+    """SQL of the MEDS rows, events with a null visit_id given a visit (see module doc)."""
+    con.execute(f"""
+        CREATE OR REPLACE TABLE src_rows AS
+        SELECT *, row_number() OVER () AS rid FROM (
+            SELECT {", ".join(_typed_columns(columns))}, ({_TIMED}) AS timed FROM {shards_sql})
+    """)
+    end = quote(mc.END) if mc.END in columns else "NULL::TIMESTAMP"
+    con.execute(f"""
+        CREATE OR REPLACE TABLE data_visits AS
+        SELECT subject_id AS person_id, visit_id, min(time) AS start_time,
+               max(CASE WHEN starts_with(code, '{mc.VISIT_PREFIX}')
+                        THEN greatest(time, coalesce({end}, time)) ELSE time END) AS end_time
+        FROM src_rows WHERE timed AND visit_id IS NOT NULL
+        GROUP BY ALL
+    """)
+    con.execute("""
+        CREATE OR REPLACE TABLE unattached AS
+        SELECT rid AS eid, subject_id AS person_id, time AS t, time AS t0
+        FROM src_rows WHERE timed AND visit_id IS NULL
+    """)
+    counts = attach_to_visits(con, "unattached", "data_visits")
+    n_visits = con.execute("SELECT count(*) FROM data_visits").fetchall()[0][0]
+    quality.visits = {"visits in the data": int(n_visits), **counts}
+    visit = f"coalesce(r.{mc.VISIT_ID}, a.visit_id)"
+    return f"""
+        SELECT {", ".join(_output_columns(columns, visit, "r."))}
+        FROM src_rows r LEFT JOIN attached a ON a.eid = r.rid"""
+
+
 def import_meds(
     src: Path,
     meds_dir: Path,
@@ -125,30 +197,16 @@ def import_meds(
     quality.source = f"MEDS folder {src}"
     staging = meds_dir.parent / "staging"
     staging.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(staging / "meds.duckdb"))
+    con = duckdb_connect(staging / "meds.duckdb")
     try:
         shards_sql = (
             "read_parquet([" + ", ".join(sql_str(str(s)) for s in shards) + "], union_by_name=true)"
         )
         columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {shards_sql}").fetchall()}
-        select = ["subject_id", "CAST(time AS TIMESTAMP) AS time", "code"]
-        new_visit, visit_expr = visit_rule_sql(visit_rule)
-        outer = ["subject_id", "time", "code"]
-        for col in (mc.NUMERIC_VALUE, mc.TEXT_VALUE, *mc.EXTRA_COLUMNS):
-            # Quoted: ``end`` is an SQL keyword.
-            name = quote(col)
-            if col in columns:
-                select.append(f"CAST({name} AS {_SQL_TYPES[col]}) AS {name}")
-                outer.append(name)
-            elif col == mc.VISIT_ID:
-                outer.append(f"{visit_expr} AS {name}")
-            else:
-                outer.append(f"NULL::{_SQL_TYPES[col]} AS {name}")
-        timed = f"time IS NOT NULL AND code NOT IN ('{mc.BIRTH_CODE}', '{mc.DEATH_CODE}')"
-        rows_sql = f"""
-            SELECT {", ".join(outer)} FROM (
-                SELECT *, {new_visit} AS new_visit FROM (
-                    SELECT {", ".join(select)}, ({timed}) AS timed FROM {shards_sql}))"""
+        if mc.VISIT_ID in columns:
+            rows_sql = _rows_with_visits(con, shards_sql, columns, quality)
+        else:
+            rows_sql = _rows_by_rule(shards_sql, columns, visit_rule)
         n_rows = con.execute(f"SELECT count(*) FROM {shards_sql}").fetchall()[0][0]
 
         steps.advance("splits")

@@ -62,10 +62,25 @@ class OmopDatabase:
         return info is not None and info.status == "ok"
 
 
+def duckdb_connect(database: str | Path = ":memory:", *, read_only: bool = False):
+    """A DuckDB connection that works in UTC, whatever the machine's time zone.
+
+    A timestamp with a time zone becomes its UTC wall time, and a date taken from it is the
+    UTC date, so the same data gives the same days under any ``TZ``.
+
+    >>> duckdb_connect().execute(
+    ...     "SELECT CAST(TIMESTAMPTZ '2020-01-01 02:00:00-05' AS TIMESTAMP)").fetchone()[0]
+    datetime.datetime(2020, 1, 1, 7, 0)
+    """
+    con = duckdb.connect(str(database), read_only=read_only)
+    con.execute("SET TimeZone='UTC'")
+    return con
+
+
 def connect(work_dir: Path, *, memory_limit: str = "2GB", threads: int | None = None):
     """A DuckDB connection backed by a file in ``work_dir`` so large joins can spill to disk."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(work_dir / "staging.duckdb"))
+    con = duckdb_connect(work_dir / "staging.duckdb")
     con.execute(f"SET memory_limit={sql_str(memory_limit)}")
     con.execute(f"SET temp_directory={sql_str(str(work_dir / 'spill'))}")
     con.execute("SET preserve_insertion_order=false")
@@ -196,6 +211,10 @@ def _cast(expr: str, source_type: str, target: str) -> str:
             f"coalesce(TRY_CAST({expr} AS DATE), TRY_CAST(TRY_CAST({expr} AS TIMESTAMP) AS DATE))"
         )
     if target == TIMESTAMP:
+        # Through TIMESTAMPTZ so that a written offset ('...-05') counts (in UTC); a cast of
+        # text straight to TIMESTAMP drops it.
+        if source_type.upper() in (VARCHAR, "TEXT", "STRING"):
+            return f"TRY_CAST(TRY_CAST({expr} AS TIMESTAMPTZ) AS TIMESTAMP)"
         return f"TRY_CAST({expr} AS TIMESTAMP)"
     if target == BIGINT:
         return (
@@ -204,6 +223,28 @@ def _cast(expr: str, source_type: str, target: str) -> str:
     if target == DOUBLE:
         return f"TRY_CAST({expr} AS DOUBLE)"
     return f"CAST({expr} AS VARCHAR)"
+
+
+_DATE_ONLY_TEXT = r"'[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}'"
+
+
+def _view_expr(col: Column, expr: str, source_type: str) -> str:
+    """The typed value of a source column; a date-only ``*_datetime`` value reads as NULL.
+
+    >>> _view_expr(Column("t", TIMESTAMP), "x", "DATE")
+    'NULL::TIMESTAMP'
+    >>> _view_expr(Column("t", TIMESTAMP, keep_date_only=True), "x", "DATE")
+    'TRY_CAST(x AS TIMESTAMP)'
+    """
+    cast = _cast(expr, source_type, col.type)
+    if col.type != TIMESTAMP or col.keep_date_only:
+        return cast
+    if source_type.upper() == DATE:
+        return "NULL::TIMESTAMP"
+    if source_type.upper().startswith("TIMESTAMP"):
+        return cast
+    text = f"trim(CAST({expr} AS VARCHAR))"
+    return f"CASE WHEN regexp_full_match({text}, {_DATE_ONLY_TEXT}) THEN NULL ELSE {cast} END"
 
 
 def _create_empty_view(con, table: str) -> None:
@@ -248,7 +289,7 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
             select.append(f"NULL::{col.type} AS {col.name}")
         else:
             src_type = source_cols[src.lower()][1]
-            select.append(f"{_cast(quote(src), src_type, col.type)} AS {col.name}")
+            select.append(f"{_view_expr(col, quote(src), src_type)} AS {col.name}")
     con.execute(
         f"CREATE OR REPLACE TEMP VIEW omop_{table} AS SELECT {', '.join(select)} FROM {relation}"
     )

@@ -5,6 +5,11 @@ A column list per table, with the OMOP type of each column. ``required`` columns
 stops the run). Optional columns become NULL when absent. Where CDM 5.3 and 5.4 differ in a
 name, both names are listed and the first present wins (``discharged_to_concept_id`` in 5.4,
 ``discharge_to_concept_id`` in 5.3).
+
+A ``*_datetime`` column whose source holds only a date (a DATE column, as in Eunomia, or text
+such as ``2020-01-01``) reads as NULL, so the ``*_date`` column beside it decides the time:
+date-only events at 23:59:59 of their day, visit starts at 00:00:00 (see ``omop_to_meds``).
+``birth_datetime`` keeps a date-only value (``keep_date_only``): birth is at 00:00:00.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class Column:
     type: str
     aliases: tuple[str, ...] = ()
     required: bool = False
+    #: TIMESTAMP columns only: read a date-only source value as its midnight, not as NULL.
+    keep_date_only: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -77,7 +84,7 @@ PERSON_COLUMNS = (
     Column("year_of_birth", BIGINT, required=True),
     Column("month_of_birth", BIGINT),
     Column("day_of_birth", BIGINT),
-    Column("birth_datetime", TIMESTAMP),
+    Column("birth_datetime", TIMESTAMP, keep_date_only=True),
     Column("race_concept_id", BIGINT),
     Column("ethnicity_concept_id", BIGINT),
 )
@@ -105,6 +112,12 @@ CONCEPT_COLUMNS = (
     Column("domain_id", VARCHAR),
     Column("vocabulary_id", VARCHAR, required=True),
     Column("concept_code", VARCHAR, required=True),
+    # Kept only to copy the real rows into synthetic OMOP output (dates as text: any format).
+    Column("concept_class_id", VARCHAR),
+    Column("standard_concept", VARCHAR),
+    Column("valid_start_date", VARCHAR),
+    Column("valid_end_date", VARCHAR),
+    Column("invalid_reason", VARCHAR),
 )
 
 EVENT_TABLES = (

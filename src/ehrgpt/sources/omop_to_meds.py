@@ -3,16 +3,23 @@
 Steps (each a table in the staging database, so nothing needs to fit in memory):
 
 1. persons with a birth time; deaths (earliest per person);
-2. visits, with rows set aside by reason (null dates, end before start, before birth,
-   after death, unknown person, duplicates);
+2. visits, with rows set aside by reason (null dates, before birth, after death, unknown
+   person, duplicates); a visit whose end is before its start keeps its type, its end is set
+   to its start (counted);
 3. events from the six clinical tables, set aside by reason (null dates, concept 0, unknown
    person, before birth, after death, exact duplicates);
 4. visits rebuilt for events that name a visit id absent from visit_occurrence (one visit per
    missing id, dated by its events, outpatient), events without a visit id attached to a visit
    of the same person covering their date, or grouped per person and day into a visit of
-   unknown type;
+   unknown type (:func:`attach_to_visits`, which the MEDS input shares);
 5. MEDS rows (static person codes, MEDS_BIRTH, visits, discharges, events, MEDS_DEATH), split
    and sharded by subject, sorted by subject and time.
+
+Times: a row whose ``*_datetime`` is NULL or holds only a date (see ``omop_tables``) is a
+date-only row. Date-only events, event ends, visit ends and deaths are stamped 23:59:59 of
+their day, as the field's OMOP-to-MEDS ETL (meds_etl) does, so that a prediction made at a
+visit's start (00:00:00 when date-only) cannot see that day's diagnoses; visit starts keep
+their own time and MEDS_BIRTH its date and time. Timestamps with a time zone are read in UTC.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import polars as pl
 
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.meds_format.dataset import (
+    OMOP_CONCEPTS_FILE,
     assign_splits,
     shard_assignment,
     write_metadata,
@@ -38,6 +46,14 @@ from ehrgpt.util.sql import sql_str
 
 #: Visit concept given to visits rebuilt from a visit id that visit_occurrence lacks.
 REBUILT_VISIT_CONCEPT = 9202
+#: Time of day given to date-only events (meds_etl's convention, docs/method.md section 1).
+DAY_END = f"INTERVAL '{mc.END_OF_DAY.isoformat()}'"
+#: Visit counts a MEDS input shares with the OMOP path (data_quality.json, "visits").
+UNATTACHED = "events without a usable visit id"
+ATTACHED = "  attached to a covering visit"
+GROUPED = "  grouped per person and day"
+DAY_VISITS = "visits made from day groups"
+END_REPAIRED = "  end before start: end set to start"
 _BIRTH = (
     "coalesce(birth_datetime, TRY_CAST(printf('%04d-%02d-%02d', year_of_birth, "
     "coalesce(nullif(month_of_birth, 0), 1), coalesce(nullif(day_of_birth, 0), 1)) AS TIMESTAMP))"
@@ -80,7 +96,7 @@ def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
     read, used, reasons = _reason_counts(con, "p_flag")
     quality.add_table("person", read=read, used=used, set_aside=reasons)
 
-    con.execute("""
+    con.execute(f"""
         CREATE OR REPLACE TABLE d_flag AS
         SELECT d.person_id, d.t AS death_time, CASE
             WHEN d.t IS NULL THEN 'null dates'
@@ -88,7 +104,8 @@ def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
             WHEN CAST(d.t AS DATE) < CAST(p.birth AS DATE) THEN 'event before birth'
             WHEN row_number() OVER (PARTITION BY d.person_id ORDER BY d.t) > 1
                 THEN 'duplicate death record' END AS reason
-        FROM (SELECT person_id, coalesce(death_datetime, CAST(death_date AS TIMESTAMP)) AS t
+        FROM (SELECT person_id, coalesce(death_datetime, CAST(death_date AS TIMESTAMP) + {DAY_END})
+                         AS t
               FROM omop_death) d
         LEFT JOIN persons p USING (person_id)
     """)
@@ -118,13 +135,12 @@ def _add_table_quality(con, db: OmopDatabase, quality: QualityReport, table: str
 
 
 def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
-    con.execute("""
+    con.execute(f"""
         CREATE OR REPLACE TABLE v_flag AS
         SELECT v.*, CASE
             WHEN v.visit_id IS NULL THEN 'null visit id'
             WHEN v.start_time IS NULL THEN 'null dates'
             WHEN p.person_id IS NULL THEN 'unknown person'
-            WHEN CAST(v.end_time AS DATE) < CAST(v.start_time AS DATE) THEN 'end before start'
             WHEN CAST(v.start_time AS DATE) < CAST(p.birth AS DATE) THEN 'event before birth'
             WHEN CAST(v.start_time AS DATE) > CAST(d.death_time AS DATE) THEN 'event after death'
             WHEN row_number() OVER (PARTITION BY v.visit_id, v.person_id, v.visit_concept_id,
@@ -135,7 +151,8 @@ def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
         FROM (SELECT visit_occurrence_id AS visit_id, person_id, visit_concept_id,
                      coalesce(visit_start_datetime, CAST(visit_start_date AS TIMESTAMP))
                          AS start_time,
-                     coalesce(visit_end_datetime, CAST(visit_end_date AS TIMESTAMP)) AS end_time,
+                     coalesce(visit_end_datetime, CAST(visit_end_date AS TIMESTAMP) + {DAY_END})
+                         AS end_time,
                      discharged_to_concept_id AS discharge
               FROM omop_visit_occurrence) v
         LEFT JOIN persons p USING (person_id)
@@ -149,19 +166,34 @@ def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
         FROM v_flag WHERE reason IS NULL
     """)
     _add_table_quality(con, db, quality, "visit_occurrence", "v_flag")
+    # A visit ending before it starts keeps its type and its events; its end becomes its start.
+    n_repaired = con.execute(
+        "SELECT count(*) FROM v_flag WHERE reason IS NULL AND end_time < start_time"
+    ).fetchall()[0][0]
+    quality.visits = {
+        "from visit_occurrence": int(db_count(con, "visits")),
+        END_REPAIRED: int(n_repaired),
+    }
+
+
+def db_count(con, table: str) -> int:
+    """Rows in a staging table."""
+    return int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
 
 def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
     parts = []
     for t in EVENT_TABLES:
         end = (
-            f"coalesce({t.end_datetime}, CAST({t.end_date} AS TIMESTAMP))"
+            f"coalesce({t.end_datetime}, CAST({t.end_date} AS TIMESTAMP) + {DAY_END})"
             if t.end_date
             else "NULL::TIMESTAMP"
         )
         parts.append(f"""
             SELECT {sql_str(t.name)} AS tbl, person_id, {t.concept} AS concept_id,
-                   coalesce({t.start_datetime}, CAST({t.start_date} AS TIMESTAMP)) AS t,
+                   coalesce({t.start_datetime}, CAST({t.start_date} AS TIMESTAMP) + {DAY_END})
+                       AS t,
+                   {t.start_datetime} IS NULL AS date_only,
                    {end} AS t_end, visit_occurrence_id AS vid,
                    {"value_as_number" if t.value_as_number else "NULL::DOUBLE"} AS value,
                    {"value_as_concept_id" if t.value_as_concept else "NULL::BIGINT"}
@@ -186,8 +218,8 @@ def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
     # serves as the event id below.
     con.execute("""
         CREATE OR REPLACE TABLE events AS
-        SELECT tbl, person_id, concept_id, t, t_end, vid, value, value_concept, unit_concept, text,
-               count(*) AS n_copies
+        SELECT tbl, person_id, concept_id, t, date_only, t_end, vid, value, value_concept,
+               unit_concept, text, count(*) AS n_copies
         FROM e_flag WHERE reason IS NULL
         GROUP BY ALL
     """)
@@ -208,60 +240,87 @@ def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
         quality.add_table(t.name, read=info.n_rows, used=used, set_aside=reasons)
 
 
+def attach_to_visits(con, unattached: str, visits: str) -> dict[str, int]:
+    """Give each event without a visit a visit: one of its subject covering its day, or a new one.
+
+    ``unattached`` holds ``eid, person_id, t, t0`` (``t0``: the event's day start when it is
+    date-only, else ``t``); ``visits`` holds ``person_id, visit_id, start_time, end_time``. An
+    event goes to the visit of its person whose [start, end] covers its day (the latest start,
+    then the smallest id); the rest are grouped per person and day into new visits with ids
+    below every id of ``visits`` (and below 0). Makes tables ``attached (eid, visit_id)`` and
+    ``day_visits (person_id, visit_id, start_time, end_time)``; returns the counts.
+    """
+    con.execute(f"""
+        CREATE OR REPLACE TABLE attached AS
+        SELECT eid, visit_id FROM (
+            SELECT u.eid, v.visit_id, row_number() OVER (
+                PARTITION BY u.eid ORDER BY v.start_time DESC, v.visit_id) AS rn
+            FROM {unattached} u JOIN {visits} v ON u.person_id = v.person_id
+             AND CAST(u.t AS DATE) BETWEEN CAST(v.start_time AS DATE) AND CAST(v.end_time AS DATE))
+        WHERE rn = 1
+    """)
+    con.execute(f"""
+        CREATE OR REPLACE TABLE day_groups AS
+        SELECT u.eid, u.person_id, u.t, u.t0,
+               (SELECT least(0, coalesce(min(visit_id), 0)) FROM {visits})
+               - dense_rank() OVER (ORDER BY u.person_id, CAST(u.t AS DATE)) AS visit_id
+        FROM {unattached} u ANTI JOIN attached a USING (eid)
+    """)
+    con.execute("""
+        CREATE OR REPLACE TABLE day_visits AS
+        SELECT person_id, visit_id, min(t0) AS start_time, max(t) AS end_time
+        FROM day_groups GROUP BY person_id, visit_id
+    """)
+    con.execute("INSERT INTO attached SELECT eid, visit_id FROM day_groups")
+    n_unattached, n_grouped, n_day_visits = con.execute(
+        f"SELECT (SELECT count(*) FROM {unattached}), (SELECT count(*) FROM day_groups), "
+        "(SELECT count(*) FROM day_visits)"
+    ).fetchall()[0]
+    return {
+        UNATTACHED: int(n_unattached),
+        ATTACHED: int(n_unattached - n_grouped),
+        GROUPED: int(n_grouped),
+        DAY_VISITS: int(n_day_visits),
+    }
+
+
 def _rebuild_visits(con, quality: QualityReport) -> None:
+    # A date-only event's visit starts at the start of its day, like a date-only visit.
+    t0 = "CASE WHEN e.date_only THEN date_trunc('day', e.t) ELSE e.t END"
     # 1. Visit ids named by events but absent from visit_occurrence: one outpatient visit each.
     con.execute(f"""
         INSERT INTO visits
-        SELECT e.person_id, e.vid, {REBUILT_VISIT_CONCEPT}, min(e.t), max(e.t), NULL,
+        SELECT e.person_id, e.vid, {REBUILT_VISIT_CONCEPT}, min({t0}), max(e.t), NULL,
                'rebuilt from missing visit id'
         FROM events e ANTI JOIN visits v ON e.vid = v.visit_id
         WHERE e.vid IS NOT NULL
         GROUP BY e.person_id, e.vid
     """)
+    n_rebuilt = db_count(con, "visits WHERE origin = 'rebuilt from missing visit id'")
     # Events naming a visit of another person are treated as naming no visit.
     con.execute("""
         CREATE OR REPLACE TABLE event_visit AS
         SELECT e.rowid AS eid, e.vid AS visit_id FROM events e
         JOIN visits v ON e.vid = v.visit_id AND e.person_id = v.person_id
     """)
-    # 2. Events without a (usable) visit id: attach to a visit of the person covering the day.
-    con.execute("""
+    # 2. Events without a (usable) visit id: a covering visit, or one visit per person and day
+    #    of unknown type (ids below 0, never in OMOP).
+    con.execute(f"""
         CREATE OR REPLACE TABLE unattached AS
-        SELECT e.rowid AS eid, e.person_id, e.t FROM events e
+        SELECT e.rowid AS eid, e.person_id, e.t, {t0} AS t0 FROM events e
         ANTI JOIN event_visit ev ON e.rowid = ev.eid
     """)
-    n_unattached = con.execute("SELECT count(*) FROM unattached").fetchall()[0][0]
-    con.execute("""
-        INSERT INTO event_visit
-        SELECT eid, visit_id FROM (
-            SELECT u.eid, v.visit_id, row_number() OVER (
-                PARTITION BY u.eid ORDER BY v.start_time DESC, v.visit_id) AS rn
-            FROM unattached u JOIN visits v ON u.person_id = v.person_id
-             AND CAST(u.t AS DATE) BETWEEN CAST(v.start_time AS DATE) AND CAST(v.end_time AS DATE))
-        WHERE rn = 1
-    """)
-    # 3. The rest: one visit of unknown type per person and day (negative ids, never in OMOP).
-    con.execute("""
-        CREATE OR REPLACE TABLE day_groups AS
-        SELECT u.eid, u.person_id, u.t,
-               -dense_rank() OVER (ORDER BY u.person_id, CAST(u.t AS DATE)) AS visit_id
-        FROM unattached u ANTI JOIN event_visit ev USING (eid)
-    """)
+    counts = attach_to_visits(con, "unattached", "visits")
+    con.execute("INSERT INTO event_visit SELECT eid, visit_id FROM attached")
     con.execute("""
         INSERT INTO visits
-        SELECT person_id, visit_id, 0, min(t), max(t), NULL, 'grouped per person and day'
-        FROM day_groups GROUP BY person_id, visit_id
+        SELECT person_id, visit_id, 0, start_time, end_time, NULL, 'grouped per person and day'
+        FROM day_visits
     """)
-    con.execute("INSERT INTO event_visit SELECT eid, visit_id FROM day_groups")
-    counts = dict(con.execute("SELECT origin, count(*) FROM visits GROUP BY origin").fetchall())
-    n_grouped_events = con.execute("SELECT count(*) FROM day_groups").fetchall()[0][0]
     quality.visits = {
-        "from visit_occurrence": int(counts.get("visit_occurrence", 0)),
-        "rebuilt from missing visit ids": int(counts.get("rebuilt from missing visit id", 0)),
-        "events without a usable visit id": int(n_unattached),
-        "  attached to a covering visit": int(n_unattached - n_grouped_events),
-        "  grouped per person and day": int(n_grouped_events),
-        "visits made from day groups": int(counts.get("grouped per person and day", 0)),
+        **quality.visits,
+        "rebuilt from missing visit ids": n_rebuilt,
+        **counts,
     }
 
 
@@ -403,8 +462,30 @@ def omop_to_meds(
         splits=splits,
         extra_columns=mc.EXTRA_COLUMNS,
     )
+    _write_concepts(con, codes, meds_dir / "metadata" / OMOP_CONCEPTS_FILE)
     steps.close()
     return MedsResult(meds_dir, n_rows, int(n_kept), shards)
+
+
+def _write_concepts(con, codes: pl.DataFrame, path: Path) -> None:
+    """The source's concept rows of the codes' concepts, for synthetic OMOP output (none when
+    the source has no concept table)."""
+    con.register("_code_ids", codes.select(pl.col("omop_concept_id").drop_nulls().unique()))
+    date = "coalesce(try_cast({c} AS DATE), try_strptime({c}, '%Y%m%d')::DATE) AS {c}"
+    try:
+        rows = con.sql(f"""
+            SELECT concept_id, concept_name, domain_id, vocabulary_id, concept_class_id,
+                   nullif(trim(standard_concept), '') AS standard_concept, concept_code,
+                   {date.format(c="valid_start_date")}, {date.format(c="valid_end_date")},
+                   nullif(trim(invalid_reason), '') AS invalid_reason
+            FROM omop_concept SEMI JOIN _code_ids ON concept_id = omop_concept_id
+            QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY concept_code) = 1
+            ORDER BY concept_id
+        """).pl()
+    finally:
+        con.unregister("_code_ids")
+    if rows.height:
+        atomic.write_parquet(path, rows)
 
 
 def sort_partitions(parts: Path, data_dir: Path) -> tuple[list[Path], int]:

@@ -15,12 +15,20 @@ Three entry points:
 Every problem the user can fix (server down, unknown host, wrong password, missing database or
 schema) is raised as :class:`ehrgpt.errors.SourceError` with one sentence that names the URL
 (password masked) and what to do.
+
+Credentials: the password may be in the URL (``user:pw@`` or ``?password=``), or come the
+standard libpq ways, which work because nothing here asks for one: ``PGPASSWORD``, the
+password file (``~/.pgpass`` or ``PGPASSFILE``), a service file entry (``?service=NAME``,
+``PGSERVICE``). No message, log or file of ehrgpt shows it: URLs are shown masked
+(:func:`ehrgpt.util.urls.mask_url`) and driver messages pass through
+:func:`ehrgpt.util.urls.mask_secrets`.
+
+Times: every session reads ``timestamptz`` values in UTC (``SET TIME ZONE 'UTC'``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -30,7 +38,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ehrgpt.errors import SourceError
-from ehrgpt.util.urls import mask_url
+from ehrgpt.util.atomic import atomic_path
+from ehrgpt.util.urls import mask_secrets, mask_url
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -45,7 +54,7 @@ __all__ = [
 #: Seconds psycopg waits for a server before giving up (a URL to a dead host fails fast).
 CONNECT_TIMEOUT_S = 5
 
-#: The OMOP tables ehrgpt reads (SPEC section 10), loaded by default into PostgreSQL.
+#: The OMOP tables ehrgpt reads (docs/method.md section 1), loaded by default into PostgreSQL.
 DEFAULT_OMOP_TABLES: tuple[str, ...] = (
     "person",
     "visit_occurrence",
@@ -80,6 +89,11 @@ class PostgresTarget:
     port: int | None
     dbname: str | None
     user: str | None
+    url: str = field(default="", repr=False)
+
+    def safe(self, text: str) -> str:
+        """``text`` (a driver message) with this URL's credentials masked."""
+        return mask_secrets(text, self.url)
 
 
 def parse_postgres_url(url: str) -> PostgresTarget:
@@ -134,13 +148,15 @@ def parse_postgres_url(url: str) -> PostgresTarget:
         conninfo = make_conninfo("", **params)
     except Exception as exc:  # psycopg.ProgrammingError on unknown parameters
         raise SourceError(
-            f"Cannot read the PostgreSQL URL {masked}: {_first_line(exc)}; remove or fix the "
+            f"Cannot read the PostgreSQL URL {masked}: {mask_secrets(_first_line(exc), url)}; "
+            "remove or fix the "
             "query parameters (only schema= and libpq options are understood)."
         ) from None
     return PostgresTarget(
         conninfo=conninfo,
         schema=schema,
         masked_url=masked,
+        url=url,
         host=host,
         port=port,
         dbname=dbname,
@@ -171,7 +187,10 @@ def _connection_error(target: PostgresTarget, exc: BaseException) -> SourceError
             "firewall between here and the server"
         )
     elif "password authentication failed" in low or "no password supplied" in low:
-        why = "authentication failed; check the user name and password in the URL"
+        why = (
+            "authentication failed; check the user name and the password (in the URL, "
+            "PGPASSWORD or ~/.pgpass)"
+        )
     elif "no pg_hba.conf entry" in low:
         why = (
             "the server does not accept this user from this host (pg_hba.conf); ask the "
@@ -184,7 +203,7 @@ def _connection_error(target: PostgresTarget, exc: BaseException) -> SourceError
     elif "no such file or directory" in low:
         why = "no server socket found; check that the server is running, or give a host in the URL"
     else:
-        why = f"{_first_line(exc)}; check the URL and that the server is reachable"
+        why = f"{target.safe(_first_line(exc))}; check the URL and that the server is reachable"
     return SourceError(f"{where}: {why}.")
 
 
@@ -248,6 +267,29 @@ def _columns(cur: Any, schema: str, table: str) -> list[str]:
     return [str(r[0]) for r in cur.fetchall()]
 
 
+def _copy_table(cur: Any, schema: str, table: str, final: Path) -> Path:
+    """COPY one table to the CSV file ``final`` (lower-case header), written atomically."""
+    from psycopg import sql
+
+    # In the table's own transaction (a rollback would undo it): timestamptz as UTC text.
+    cur.execute("SET TIME ZONE 'UTC'")
+    select_list = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(c.lower()))
+        for c in _columns(cur, schema, table)
+    )
+    query = sql.SQL(
+        "COPY (SELECT {cols} FROM {schema}.{table}) TO STDOUT WITH (FORMAT csv, HEADER true)"
+    ).format(cols=select_list, schema=sql.Identifier(schema), table=sql.Identifier(table))
+    with (
+        atomic_path(final) as tmp,
+        tmp.open("wb", buffering=_COPY_CHUNK_BYTES) as fh,
+        cur.copy(query) as cp,
+    ):
+        for chunk in cp:
+            fh.write(chunk)
+    return final
+
+
 def export_omop_tables(url: str, dest: Path, tables: Sequence[str]) -> dict[str, Path]:
     """Stream OMOP tables from PostgreSQL into ``dest/<table>.csv`` files.
 
@@ -260,42 +302,26 @@ def export_omop_tables(url: str, dest: Path, tables: Sequence[str]) -> dict[str,
     Raises :class:`SourceError` when the server cannot be reached, the login fails, or the
     database or schema does not exist.
     """
-    from psycopg import sql
+    import psycopg
 
     target = parse_postgres_url(url)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     wanted = list(dict.fromkeys(t.lower() for t in tables))
     out: dict[str, Path] = {}
-    with _connect(target) as conn, conn.cursor() as cur:
-        schema = _resolve_schema(cur, target)
-        stored = _find_tables(cur, schema)
-        for name in wanted:
-            if name not in stored:
-                continue
-            table = stored[name]
-            columns = _columns(cur, schema, table)
-            select_list = sql.SQL(", ").join(
-                sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(c.lower()))
-                for c in columns
-            )
-            query = sql.SQL(
-                "COPY (SELECT {cols} FROM {schema}.{table}) "
-                "TO STDOUT WITH (FORMAT csv, HEADER true)"
-            ).format(cols=select_list, schema=sql.Identifier(schema), table=sql.Identifier(table))
-            final = dest / f"{name}.csv"
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.part", dir=dest)
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb", buffering=_COPY_CHUNK_BYTES) as fh, cur.copy(query) as cp:
-                    for chunk in cp:
-                        fh.write(chunk)
-                tmp.replace(final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            conn.rollback()  # read-only transaction: end it between tables
-            out[name] = final
+    try:
+        with _connect(target) as conn, conn.cursor() as cur:
+            schema = _resolve_schema(cur, target)
+            stored = _find_tables(cur, schema)
+            for name in wanted:
+                if name in stored:
+                    out[name] = _copy_table(cur, schema, stored[name], dest / f"{name}.csv")
+                    conn.rollback()  # read-only transaction: end it between tables
+    except psycopg.Error as exc:
+        raise SourceError(
+            f"Reading OMOP tables from PostgreSQL at {target.masked_url} failed: "
+            f"{target.safe(_first_line(exc))}; check that the user may read the schema's tables."
+        ) from None
     return out
 
 
@@ -378,6 +404,8 @@ def load_omop_duckdb_into_postgres(
     import duckdb
     from psycopg import sql
 
+    from ehrgpt.sources.omop import duckdb_connect
+
     duckdb_path = Path(duckdb_path)
     if not duckdb_path.is_file():
         raise SourceError(
@@ -386,7 +414,7 @@ def load_omop_duckdb_into_postgres(
     target = parse_postgres_url(url)
     wanted = list(dict.fromkeys(t.lower() for t in (tables or DEFAULT_OMOP_TABLES)))
     try:
-        dcon = duckdb.connect(str(duckdb_path), read_only=True)
+        dcon = duckdb_connect(duckdb_path, read_only=True)
     except duckdb.Error as exc:
         raise SourceError(
             f"Cannot open DuckDB file {duckdb_path}: {_first_line(exc)}; check that it is a "

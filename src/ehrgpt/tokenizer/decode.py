@@ -1,9 +1,15 @@
 """Token sequence -> timeline -> MEDS rows with dates: the inverse of :mod:`encode`.
 
-Decoding walks the grammar of SPEC section 1 with a date cursor. The first visit starts on
+Decoding walks the grammar of docs/method.md section 2 with a date cursor. The first visit starts on
 ``first_day`` when it is known (a real patient's history) or on a random day of the prompt's
-year (a generated patient); ATT tokens and day tokens move the cursor. Every violation of the
-grammar raises :class:`DecodeError` with a short reason, so a generator can count rejections.
+year, up to the training data's last date (a generated patient); ATT tokens and day tokens
+move the cursor. Every violation of the grammar raises :class:`DecodeError` with a short
+reason, so a generator can count rejections. A discharge to death ("Patient died") ends the
+timeline: only the death visit may follow it.
+
+:func:`check_plausible` rejects, by reason, generated timelines that decode but cannot be
+real: a birth year outside 1900..this year, a date after the training data, an age over 120,
+a visit longer than :data:`MAX_VISIT_DAYS`.
 
 >>> from ehrgpt.tokenizer.vocab import EhrTokenizer
 >>> tok = EhrTokenizer.build("day", code_counts={"SNOMED/1": 5, "VISIT/9202": 5}, n_subjects=5)
@@ -16,6 +22,7 @@ grammar raises :class:`DecodeError` with a short reason, so a generator can coun
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +35,7 @@ from ehrgpt.tokenizer import time_tokens as tt
 from ehrgpt.tokenizer.vocab import (
     AGE_UNKNOWN,
     DEATH,
+    DIED_DISCHARGE,
     END,
     OOV,
     PAD,
@@ -39,6 +47,10 @@ from ehrgpt.tokenizer.vocab import (
 )
 
 EPOCH = dt.date(1970, 1, 1)
+#: Plausibility limits of a generated timeline (see :func:`check_plausible`).
+MIN_BIRTH_YEAR = 1900
+MAX_AGE_YEARS = 120
+MAX_VISIT_DAYS = 365
 
 
 class DecodeError(ValueError):
@@ -126,13 +138,12 @@ def decode_tokens(
     if len(seq) == 4:
         raise DecodeError("nothing after the prompt")
     if first_day is None:
-        rng = rng or np.random.default_rng()
-        start = dt.date(year, 1, 1)
-        first_day = (start - EPOCH).days + int(rng.integers(0, 365 + (year % 4 == 0)))
+        first_day = random_day_of_year(year, rng or np.random.default_rng(), tok.data_end)
     tl = Timeline(year, age, seq[2], seq[3])
     cursor = day_to_date(first_day)
     scheme = tok.att_scheme
     i, n = 4, len(seq)
+    died_on: dt.date | None = None  # the end of a visit discharged to death
     while i < n:
         if tl.death is not None:
             raise DecodeError("[DEATH] not last")
@@ -152,6 +163,8 @@ def decode_tokens(
             tl.death = cursor
             i += 2
             continue
+        if died_on is not None:
+            raise DecodeError("visit after a discharge to death", seq[i] if i < n else "")
         if i >= n or not seq[i].startswith(mc.VISIT_PREFIX):
             raise DecodeError("no visit type after [VS]", seq[i] if i < n else "end of sequence")
         visit = Visit(seq[i], cursor, cursor)
@@ -196,10 +209,110 @@ def decode_tokens(
         visit.end = cursor
         if inpatient and visit.discharge is None:
             raise DecodeError("inpatient visit without discharge")
+        if visit.discharge == DIED_DISCHARGE:
+            died_on = visit.end
         tl.visits.append(visit)
     if not tl.visits:
         raise DecodeError("no visit")
+    if tl.death is None and died_on is not None:
+        tl.death = died_on
     return tl
+
+
+def random_day_of_year(year: int, rng: np.random.Generator, last: dt.date | None = None) -> int:
+    """A uniform day of ``year`` (leap years by the calendar), not after ``last``; as days
+    since 1970-01-01.
+
+    >>> rng = np.random.default_rng(0)
+    >>> days = {random_day_of_year(1900, rng) for _ in range(3000)}
+    >>> len(days), day_to_date(max(days))
+    (365, datetime.date(1900, 12, 31))
+    >>> day_to_date(random_day_of_year(2019, rng, dt.date(2019, 1, 1)))
+    datetime.date(2019, 1, 1)
+    """
+    n_days = 366 if calendar.isleap(year) else 365
+    start = dt.date(year, 1, 1)
+    if last is not None and last.year == year:
+        n_days = (last - start).days + 1
+    return (start - EPOCH).days + int(rng.integers(0, n_days))
+
+
+def birth_date(tl: Timeline) -> dt.date | None:
+    """The birth date of a generated timeline: July 1 of ``year - age - 1`` or ``year - age``
+    (whichever keeps the age right at the first visit); None without an age."""
+    if tl.age is None:
+        return None
+    first = tl.visits[0].start
+    if (first.month, first.day) < (7, 1):
+        return dt.date(first.year - tl.age - 1, 7, 1)
+    return dt.date(first.year - tl.age, 7, 1)
+
+
+def day_budget(year: int, age: int | None, tok: EhrTokenizer) -> int:
+    """The most days a generated record with prompt ``year:``/``age:`` may span from its first
+    visit and still pass :func:`check_plausible` (dates up to the training data's end, age at
+    most 120), whichever day of the year decoding starts it on; 0 if none.
+
+    >>> tok = EhrTokenizer.build("day", code_counts={}, n_subjects=1, last_date=dt.date(2019, 7, 1))
+    >>> day_budget(2019, 30, tok), day_budget(2018, 30, tok), day_budget(2018, 120, tok)
+    (0, 182, 0)
+    """
+    end = tok.data_end
+    latest_start = min(dt.date(year, 12, 31), end)
+    budget = (end - latest_start).days
+    if age is not None:
+        # Birth is July 1 of year - age - 1 (first visit before July) or of year - age.
+        for first, last, born in (
+            (dt.date(year, 1, 1), dt.date(year, 6, 30), year - age - 1),
+            (dt.date(year, 7, 1), dt.date(year, 12, 31), year - age),
+        ):
+            if first > latest_start:
+                continue
+            oldest = dt.date(born + MAX_AGE_YEARS + 1, 7, 1) - dt.timedelta(days=1)
+            budget = min(budget, (oldest - min(last, latest_start)).days)
+    return max(budget, 0)
+
+
+def _last_date(tl: Timeline) -> dt.date:
+    """The latest date of a timeline (visit ends, events, death)."""
+    days = [v.end for v in tl.visits] + [e.day for v in tl.visits for e in v.events]
+    return max([*days, *([tl.death] if tl.death else [])])
+
+
+def check_plausible(tl: Timeline, tok: EhrTokenizer, *, today: dt.date | None = None) -> None:
+    """Raise :class:`DecodeError` (reason = the category) for a generated timeline that
+    cannot be real; the limits are :data:`MIN_BIRTH_YEAR`, :data:`MAX_AGE_YEARS`,
+    :data:`MAX_VISIT_DAYS` and the training data's last date (today for older tokenizers).
+
+    >>> tok = EhrTokenizer.build("day", code_counts={"VISIT/9202": 5}, n_subjects=5,
+    ...                          last_date=dt.date(2019, 7, 1))
+    >>> tl = Timeline(2019, 30, "GENDER/UNKNOWN", "RACE/UNKNOWN",
+    ...               [Visit("VISIT/9202", dt.date(2019, 5, 1), dt.date(2019, 5, 2))])
+    >>> check_plausible(tl, tok)
+    >>> tl.visits[0].end = dt.date(2019, 8, 1)
+    >>> check_plausible(tl, tok)
+    Traceback (most recent call last):
+    ...
+    ehrgpt.tokenizer.decode.DecodeError: date after the training data: 2019-08-01 > 2019-07-01
+    """
+    today = today or dt.date.today()
+    birth = birth_date(tl)
+    if birth is not None and not MIN_BIRTH_YEAR <= birth.year <= today.year:
+        raise DecodeError(f"birth year outside {MIN_BIRTH_YEAR}..{today.year}", str(birth.year))
+    last = _last_date(tl)
+    if last > tok.data_end:
+        raise DecodeError("date after the training data", f"{last} > {tok.data_end}")
+    if (
+        birth is not None
+        and (last.year - birth.year) - ((last.month, last.day) < (birth.month, birth.day))
+        > MAX_AGE_YEARS
+    ):
+        raise DecodeError(f"age over {MAX_AGE_YEARS}", f"born {birth}, alive {last}")
+    for v in tl.visits:
+        if (v.end - v.start).days > MAX_VISIT_DAYS:
+            raise DecodeError(
+                f"visit longer than {MAX_VISIT_DAYS} days", f"{v.visit_type} {v.start}..{v.end}"
+            )
 
 
 def decode_ids(ids: Sequence[int], tok: EhrTokenizer, **kwargs) -> Timeline:
@@ -218,22 +331,17 @@ def timeline_to_meds(
     *,
     birth_day: int | None = None,
     visit_id_start: int = 1,
+    rng: np.random.Generator | None = None,
 ) -> pl.DataFrame:
     """MEDS rows (with ehrgpt's extra columns) for one decoded timeline.
 
-    Numeric values come back as the median of their bin, with the unit the bins were fitted
-    for. Without ``birth_day`` the birth date is July 1 of ``year - age - 1`` or ``year - age``
-    (whichever keeps the age right at the first visit).
+    Times follow prepared MEDS (docs/method.md section 1): visit starts and birth at 00:00:00,
+    events, visit ends, discharges and death at 23:59:59 of their day. Numeric values come
+    back with the unit the bins were fitted for: drawn inside their bin
+    from its quantiles with ``rng`` (generated timelines), else the bin's median (real
+    records). Without ``birth_day`` the birth date is :func:`birth_date`.
     """
-    first = tl.visits[0].start
-    if birth_day is not None:
-        birth = day_to_date(birth_day)
-    elif tl.age is not None:
-        birth = dt.date(first.year - tl.age, 7, 1)
-        if (first.month, first.day) < (7, 1):
-            birth = dt.date(first.year - tl.age - 1, 7, 1)
-    else:
-        birth = None
+    birth = day_to_date(birth_day) if birth_day is not None else birth_date(tl)
     rows: list[tuple] = []
 
     def add(time, code, value=None, visit=None, end=None, table=None, unit=None, vcode=None):
@@ -246,16 +354,21 @@ def timeline_to_meds(
     for k, v in enumerate(tl.visits):
         vid = visit_id_start + k
         start = dt.datetime.combine(v.start, dt.time())
-        end = dt.datetime.combine(v.end, dt.time())
+        end = dt.datetime.combine(v.end, mc.END_OF_DAY)
         add(start, v.visit_type, visit=vid, end=end, table="visit_occurrence")
         for e in v.events:
             value = unit = None
             if e.value_bin is not None:
                 unit = tok.value_unit(e.code)
                 bins = tok.value_bins.get((e.code, unit))
-                value = bins.representative(e.value_bin) if bins else None
+                if bins is None:
+                    value = None
+                elif rng is None:
+                    value = bins.representative(e.value_bin)
+                else:
+                    value = float(bins.sample(e.value_bin, rng))
             add(
-                dt.datetime.combine(e.day, dt.time()),
+                dt.datetime.combine(e.day, mc.END_OF_DAY),
                 e.code,
                 value=value,
                 visit=vid,
@@ -265,7 +378,7 @@ def timeline_to_meds(
         if v.discharge is not None and v.discharge != mc.discharge_code(None):
             add(end, v.discharge, visit=vid, table="visit_occurrence")
     if tl.death is not None:
-        add(dt.datetime.combine(tl.death, dt.time()), mc.DEATH_CODE, table="death")
+        add(dt.datetime.combine(tl.death, mc.END_OF_DAY), mc.DEATH_CODE, table="death")
     return pl.DataFrame(rows, schema=pl.Schema(mc.EVENT_SCHEMA), orient="row")
 
 
@@ -275,6 +388,9 @@ __all__ = [
     "Event",
     "Timeline",
     "Visit",
+    "birth_date",
+    "check_plausible",
+    "day_budget",
     "decode_ids",
     "decode_tokens",
     "timeline_to_meds",

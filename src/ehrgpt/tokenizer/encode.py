@@ -1,6 +1,6 @@
 """MEDS shard -> token ids per subject, vectorised in polars (no Python loop over events).
 
-For each subject (SPEC section 1)::
+For each subject (docs/method.md section 2)::
 
     year:Y age:A GENDER/g RACE/r                       prompt, at the first visit
     [VS] VISIT/t  (i-D<n>) code (VAL:Qb) (VAL:c) ... (i-D<n>) (DISCHARGE/x) [VE]
@@ -18,7 +18,14 @@ Rules that make ``decode`` an exact inverse at day resolution:
 - events in a visit ordered by time, then code; a code outside the vocabulary becomes
   ``[OOV]`` (counted, never dropped); a numeric value becomes its bin token, a categorical
   value ``VAL:<code>``.
+- a visit type, discharge, gender or race outside the vocabulary becomes its class's
+  ``UNKNOWN`` token (``VISIT/UNKNOWN``, ...; counted), so every record keeps the grammar; a
+  visit of an unknown type is not inpatient (no day tokens to its end, no discharge);
+- static codes other than gender and race (``ETHNICITY/...``) are left out (counted);
 - events without a visit id: one visit of unknown type per subject and day.
+- death (``MEDS_DEATH``, or a discharge to "Patient died", 4216643) ends the timeline: the
+  death day is the earlier of the two, the death visit comes last, and visits after a visit
+  discharged to death are left out (counted).
 
 Each token also gets its day (days since 1970-01-01), so later stages can cut a history at a
 prediction time or a window start.
@@ -39,6 +46,7 @@ from ehrgpt.tokenizer.values import assign_bins
 from ehrgpt.tokenizer.vocab import (
     AGE_UNKNOWN,
     DEATH,
+    DIED_DISCHARGE,
     MAX_AGE,
     OOV,
     VALUE_PREFIX,
@@ -70,20 +78,39 @@ class EncodeStats:
     events_moved_to_visit_start: int = 0
     visits_moved_after_previous: int = 0
     events_without_visit: int = 0
+    #: Structure codes outside the vocabulary, per class token (``VISIT/UNKNOWN``: n, ...).
+    unknown_structure: Counter = field(default_factory=Counter)
+    #: ... and per original code.
+    unknown_structure_codes: Counter = field(default_factory=Counter)
+    static_codes_left_out: int = 0
+    deaths: int = 0
+    deaths_from_discharge: int = 0
+    visits_after_death_left_out: int = 0
 
     def merge(self, other: EncodeStats) -> None:
         for name in self.__dataclass_fields__:
-            if name == "oov_codes":
-                self.oov_codes.update(other.oov_codes)
+            mine = getattr(self, name)
+            if isinstance(mine, Counter):
+                mine.update(getattr(other, name))
             else:
-                setattr(self, name, getattr(self, name) + getattr(other, name))
+                setattr(self, name, mine + getattr(other, name))
 
     def summary(self) -> dict:
-        """A JSON-ready summary (the 10 most frequent OOV codes by name)."""
-        out = {k: v for k, v in self.__dict__.items() if k != "oov_codes"}
+        """A JSON-ready summary (the 10 most frequent OOV and unknown structure codes)."""
+        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
         out["distinct_oov_codes"] = len(self.oov_codes)
         out["top_oov_codes"] = dict(self.oov_codes.most_common(10))
+        out["unknown_structure"] = {k: self.unknown_structure[k] for k in sorted(_UNKNOWNS)}
+        out["top_unknown_structure_codes"] = dict(self.unknown_structure_codes.most_common(10))
         return out
+
+
+_UNKNOWNS = (
+    mc.visit_code(None),
+    mc.discharge_code(None),
+    mc.gender_code(None),
+    mc.race_code(None),
+)
 
 
 def _days(col: str | pl.Expr) -> pl.Expr:
@@ -93,6 +120,29 @@ def _days(col: str | pl.Expr) -> pl.Expr:
 
 def _ids(expr: pl.Expr, tok: EhrTokenizer, default: str = OOV) -> pl.Expr:
     return expr.replace_strict(tok.token_to_id, default=tok.token_to_id[default], return_dtype=I32)
+
+
+def _known_structure(
+    frame: pl.DataFrame,
+    column: str,
+    unknown: str,
+    tok: EhrTokenizer,
+    stats: EncodeStats,
+    where: pl.Expr | None = None,
+) -> pl.DataFrame:
+    """``column`` (structure codes, null = unknown) with codes outside the vocabulary replaced
+    by their class's ``unknown`` token, counted in ``stats`` (only rows ``where`` is true)."""
+    col = pl.col(column).fill_null(unknown)
+    prefix = unknown[: -len(mc.UNKNOWN)]
+    outside = ~col.is_in([t for t in tok.tokens if t.startswith(prefix)])
+    if where is not None:
+        outside = outside & where
+    n = frame.select(outside.sum()).item() or 0
+    if n:
+        stats.unknown_structure[unknown] += int(n)
+        codes = frame.filter(outside)[column].value_counts().iter_rows()
+        stats.unknown_structure_codes.update(dict(codes))
+    return frame.with_columns(pl.when(outside).then(pl.lit(unknown)).otherwise(col).alias(column))
 
 
 def _att_columns(gap: np.ndarray, tok: EhrTokenizer) -> dict[str, np.ndarray]:
@@ -212,53 +262,108 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     day of each token), ``n_tokens``, ``first_day`` (day of the first visit), ``birth_day``.
     """
     stats = EncodeStats()
+    frame = _with_extra_columns(frame)
+    persons = _persons(frame, tok, stats)
+    timed = frame.filter(pl.col("time").is_not_null())
+    stats.events_without_visit = timed.select(
+        (_is_clinical() & pl.col("visit_id").is_null()).sum()
+    ).item()
+    timed = _with_visit_key(timed)
+    events = _clinical_events(timed)
+    visits = _visits(timed, events, tok, stats)
+    events = _ordered_events(events, visits, tok, stats)
+    visits = _with_att(visits, "gap", tok).join(_last_event_days(events), on="g", how="left")
+    persons = _persons_with_visits(persons, visits, stats)
+    token_rows = [
+        *_event_tokens(events, tok),
+        *_visit_open_tokens(visits, tok),
+        *_visit_close_tokens(visits, tok),
+        *_prompt_tokens(persons, tok),
+        *_death_tokens(persons, tok),
+    ]
+    out = _assemble(token_rows, persons)
+    stats.tokens = int(out["n_tokens"].sum())
+    stats.short_records = int((out["n_tokens"] < MIN_PRETRAIN_TOKENS).sum())
+    return out, stats
+
+
+def _with_extra_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every extra MEDS column and ``numeric_value`` (null where absent)."""
     for col in mc.EXTRA_COLUMNS:
         if col not in frame.columns:
             dtype = {mc.VISIT_ID: pl.Int64, mc.END: pl.Datetime("us")}.get(col, pl.String)
             frame = frame.with_columns(pl.lit(None, dtype).alias(col))
     if "numeric_value" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float32).alias("numeric_value"))
-    code, time = pl.col("code"), pl.col("time")
+    return frame
 
-    static = frame.filter(time.is_null())
+
+def _first_code(static: pl.DataFrame, prefix: str, name: str) -> pl.DataFrame:
+    """Per subject, the first static code with ``prefix`` as column ``name``."""
+    code = pl.col("code")
+    return (
+        static.filter(code.str.starts_with(prefix))
+        .group_by("subject_id")
+        .agg(code.first().alias(name))
+    )
+
+
+def _first_time(frame: pl.DataFrame, code: str, name: str) -> pl.DataFrame:
+    """Per subject, the earliest time of ``code`` as column ``name``."""
+    return (
+        frame.filter(pl.col("code") == code)
+        .group_by("subject_id")
+        .agg(pl.col("time").min().alias(name))
+    )
+
+
+def _persons(frame: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats) -> pl.DataFrame:
+    """One row per subject: ``gender``, ``race`` (tokens of the vocabulary), ``birth``,
+    ``death`` times. Other static codes are counted and left out."""
+    static = frame.filter(pl.col("time").is_null())
+    code = pl.col("code").str
+    prompt_code = code.starts_with(mc.GENDER_PREFIX) | code.starts_with(mc.RACE_PREFIX)
+    stats.static_codes_left_out = int(static.select((~prompt_code).sum()).item() or 0)
     persons = (
         frame.select("subject_id")
         .unique()
-        .join(
-            static.filter(code.str.starts_with(mc.GENDER_PREFIX))
-            .group_by("subject_id")
-            .agg(code.first().alias("gender")),
-            on="subject_id",
-            how="left",
-        )
-        .join(
-            static.filter(code.str.starts_with(mc.RACE_PREFIX))
-            .group_by("subject_id")
-            .agg(code.first().alias("race")),
-            on="subject_id",
-            how="left",
-        )
-        .join(
-            frame.filter(code == mc.BIRTH_CODE)
-            .group_by("subject_id")
-            .agg(time.min().alias("birth")),
-            on="subject_id",
-            how="left",
-        )
-        .join(
-            frame.filter(code == mc.DEATH_CODE)
-            .group_by("subject_id")
-            .agg(time.min().alias("death")),
-            on="subject_id",
-            how="left",
-        )
+        .join(_first_code(static, mc.GENDER_PREFIX, "gender"), on="subject_id", how="left")
+        .join(_first_code(static, mc.RACE_PREFIX, "race"), on="subject_id", how="left")
+        .join(_first_time(frame, mc.BIRTH_CODE, "birth"), on="subject_id", how="left")
+        .join(_first_time(frame, mc.DEATH_CODE, "death"), on="subject_id", how="left")
     )
+    persons = _known_structure(persons, "gender", mc.gender_code(None), tok, stats)
+    return _known_structure(persons, "race", mc.race_code(None), tok, stats)
 
-    timed = _with_visit_key(frame.filter(time.is_not_null()))
-    is_visit = code.str.starts_with(mc.VISIT_PREFIX)
-    is_discharge = code.str.starts_with(mc.DISCHARGE_PREFIX)
+
+_IS_VISIT = pl.col("code").str.starts_with(mc.VISIT_PREFIX)
+_IS_DISCHARGE = pl.col("code").str.starts_with(mc.DISCHARGE_PREFIX)
+
+
+def _is_clinical() -> pl.Expr:
+    """Rows that are neither visits, discharges, birth nor death."""
+    return ~_IS_VISIT & ~_IS_DISCHARGE & ~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
+
+
+def _clinical_events(timed: pl.DataFrame) -> pl.DataFrame:
+    """Timed clinical rows (:func:`_is_clinical`); ``d`` = their day."""
+    return timed.filter(_is_clinical()).with_columns(_days("time").alias("d"))
+
+
+def _visits(
+    timed: pl.DataFrame, events: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats
+) -> pl.DataFrame:
+    """One row per visit in token order: type, discharge, start / end days, gap before it.
+
+    Visits come from visit rows and from the events' visit keys (a visit without a row is of
+    unknown type). Types and discharges outside the vocabulary become ``VISIT/UNKNOWN`` and
+    ``DISCHARGE/UNKNOWN``; ``died`` marks a discharge to death, after which nothing is kept.
+    The cursor end is the running maximum of the raw ends (no overlap); a visit starting
+    before it is moved to it (``start2``).
+    """
+    code, time = pl.col("code"), pl.col("time")
     visit_rows = (
-        timed.filter(is_visit)
+        timed.filter(_IS_VISIT)
         .group_by("vkey")
         .agg(
             pl.col("subject_id").first(),
@@ -268,13 +373,7 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
             pl.col("end").max().alias("vend"),
         )
     )
-    discharges = timed.filter(is_discharge).group_by("vkey").agg(code.first().alias("discharge"))
-    events = timed.filter(
-        ~is_visit & ~is_discharge & ~code.is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
-    ).with_columns(_days("time").alias("d"))
-    stats.events_without_visit = events["visit_id"].null_count()
-
-    # Visits: type, start, raw end; cursor end = running max of raw ends (SPEC: no overlap).
+    discharges = timed.filter(_IS_DISCHARGE).group_by("vkey").agg(code.first().alias("discharge"))
     ev_span = events.group_by("vkey").agg(
         pl.col("subject_id").first(),
         pl.col("visit_id").first(),
@@ -290,10 +389,13 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .drop("subject_id_right", "visit_id_right")
         .join(discharges, on="vkey", how="left")
         .with_columns(
-            pl.col("vtype").fill_null(mc.visit_code(None)),
+            (pl.col("discharge") == DIED_DISCHARGE).fill_null(False).alias("died"),
             pl.coalesce("vstart", "tmin").alias("start"),
         )
-        .with_columns(
+    )
+    visits = _known_structure(visits, "vtype", mc.visit_code(None), tok, stats)
+    visits = (
+        visits.with_columns(
             _days("start").alias("start_d"),
             pl.col("vtype").is_in(list(tok.inpatient_visit_codes)).alias("inpatient"),
         )
@@ -314,24 +416,50 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         )
         .with_columns((pl.col("start2") - pl.col("prev_end")).alias("gap"))
     )
+    visits = _until_death(visits, stats)
+    unknown = mc.discharge_code(None)
+    visits = _known_structure(visits, "discharge", unknown, tok, stats, where=pl.col("inpatient"))
     stats.visits = visits.height
     stats.visits_moved_after_previous = int(
         visits.select((pl.col("start_d") < pl.col("prev_end")).sum()).item() or 0
     )
+    return visits
 
-    # Events: clamp to visit start, order, day changes, ids.
+
+def _until_death(visits: pl.DataFrame, stats: EncodeStats) -> pl.DataFrame:
+    """The visits up to a subject's first visit discharged to death (later ones counted)."""
+    first_death = pl.when("died").then(pl.col("vord")).min().over("subject_id")
+    keep = first_death.is_null() | (pl.col("vord") <= first_death)
+    n = len(visits)
+    visits = visits.filter(keep)
+    stats.visits_after_death_left_out = n - len(visits)
+    return visits
+
+
+def _ordered_events(
+    events: pl.DataFrame, visits: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats
+) -> pl.DataFrame:
+    """Events clamped to their visit start, with token ids, in token order, with day changes.
+
+    Adds ``d2`` (the event's day after clamping), ``code_id``, ``bin_id``, ``vcode_id`` and
+    ``n`` (days since the previous event of the visit, or since the visit start).
+    """
     events = events.join(
         visits.select("vkey", "vord", "g", "start2"), on="vkey", how="inner"
     ).with_columns(
         pl.max_horizontal("d", "start2").alias("d2"),
-        # An event moved to its visit start sorts as if it happened at the start's midnight.
-        pl.max_horizontal(
-            "time",
-            pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d").cast(pl.Datetime("us")),
-        ).alias("t2"),
+        # An event moved to its visit start keeps its time of day on the start's day, so the
+        # order inside a day is the same whether or not an event was moved.
+        pl.when(pl.col("d") < pl.col("start2"))
+        .then(
+            pl.from_epoch(pl.col("start2").cast(pl.Int64), time_unit="d").cast(pl.Datetime("us"))
+            + (pl.col("time") - pl.col("time").dt.truncate("1d"))
+        )
+        .otherwise(pl.col("time"))
+        .alias("t2"),
     )
     events = assign_bins(events, tok.value_bins).with_columns(
-        _ids(code, tok).alias("code_id"),
+        _ids(pl.col("code"), tok).alias("code_id"),
         pl.when(pl.col("value_code").is_not_null())
         .then(_ids(pl.lit(VALUE_PREFIX) + pl.col("value_code"), tok))
         .alias("vcode_id"),
@@ -351,6 +479,12 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
             - pl.when(same_visit).then(pl.col("d2").shift(1)).otherwise(pl.col("start2"))
         ).alias("n")
     )
+    _count_values_and_oov(events, tok, stats)
+    return events
+
+
+def _count_values_and_oov(events: pl.DataFrame, tok: EhrTokenizer, stats: EncodeStats) -> None:
+    """Binned values, values without bins, and codes / categorical values outside the vocab."""
     stats.values_binned = int(events["bin"].is_not_null().sum())
     stats.values_without_bins = int(
         (events["numeric_value"].is_not_null() & events["bin"].is_null()).sum()
@@ -363,26 +497,49 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         {VALUE_PREFIX + k: v for k, v in oov_values["value_code"].value_counts().iter_rows()}
     )
     stats.oov_tokens = oov_rows.height + oov_values.height
-    token_rows: list[pl.DataFrame] = []
+
+
+def _last_event_days(events: pl.DataFrame) -> pl.DataFrame:
+    """Per visit (``g``), the day of its last event (``last_d``)."""
+    return events.group_by("g").agg(pl.col("d2").max().alias("last_d"))
+
+
+def _event_tokens(events: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per event: its day change (``i-D<n>``, repeated ``i-D1079``), code, bin, value code."""
     day_rest, _ = _day_ids(pl.col("n"), tok)
     ev = events.with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("eord"), pl.col("d2").alias("day")
     )
-    for slot, id_expr in enumerate(
-        (day_rest, pl.col("code_id"), pl.col("bin_id"), pl.col("vcode_id")), start=1
-    ):
-        token_rows.append(_token_rows(ev, id_expr, _EVENTS, slot, pl.col("eord")))
-    token_rows.append(_repeat_rows(ev, pl.col("n"), _EVENTS, tok))
+    rows = [
+        _token_rows(ev, id_expr, _EVENTS, slot, pl.col("eord"))
+        for slot, id_expr in enumerate(
+            (day_rest, pl.col("code_id"), pl.col("bin_id"), pl.col("vcode_id")), start=1
+        )
+    ]
+    rows.append(_repeat_rows(ev, pl.col("n"), _EVENTS, tok))
+    return rows
 
-    # Visit open / close pieces.
-    last_event = events.group_by("g").agg(pl.col("d2").max().alias("last_d"))
-    visits = _with_att(visits, "gap", tok).join(last_event, on="g", how="left")
-    vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
+
+def _visit_open_tokens(visits: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per visit: the ATT before it (up to three tokens), ``[VS]`` and the visit type."""
+    vs = tok.token_to_id[VS]
     opened = visits.with_columns(pl.col("start2").alias("day"))
-    for slot, id_expr in enumerate(
-        (pl.col("a1"), pl.col("a2"), pl.col("a3"), pl.lit(vs, I32), _ids(pl.col("vtype"), tok))
-    ):
-        token_rows.append(_token_rows(opened, id_expr, _OPEN, slot))
+    return [
+        _token_rows(opened, id_expr, _OPEN, slot)
+        for slot, id_expr in enumerate(
+            (
+                pl.col("a1"),
+                pl.col("a2"),
+                pl.col("a3"),
+                pl.lit(vs, I32),
+                _ids(pl.col("vtype"), tok),
+            )
+        )
+    ]
+
+
+def _visit_close_tokens(visits: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per visit: the day change to its end, the discharge (inpatient only), ``[VE]``."""
     closed = visits.with_columns(
         (pl.col("end_d") - pl.coalesce("last_d", "start2")).alias("n_end"),
         pl.col("end_d").alias("day"),
@@ -391,35 +548,55 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     discharge = pl.when("inpatient").then(
         _ids(pl.col("discharge").fill_null(mc.discharge_code(None)), tok)
     )
-    token_rows.append(_repeat_rows(closed, pl.col("n_end"), _CLOSE, tok))
-    for slot, id_expr in enumerate((end_rest, discharge, pl.lit(ve, I32)), start=1):
-        token_rows.append(_token_rows(closed, id_expr, _CLOSE, slot))
+    rows = [_repeat_rows(closed, pl.col("n_end"), _CLOSE, tok)]
+    for slot, id_expr in enumerate(
+        (end_rest, discharge, pl.lit(tok.token_to_id[VE], I32)), start=1
+    ):
+        rows.append(_token_rows(closed, id_expr, _CLOSE, slot))
+    return rows
 
-    # Prompt and death pieces, per subject with at least one visit.
+
+def _persons_with_visits(
+    persons: pl.DataFrame, visits: pl.DataFrame, stats: EncodeStats
+) -> pl.DataFrame:
+    """Subjects with at least one visit, with their first visit day and last visit end."""
     firsts = visits.filter(pl.col("vord") == 0).select(
         "subject_id", pl.col("start2").alias("first_day"), pl.col("g").alias("first_g")
     )
     lasts = visits.group_by("subject_id").agg(
-        pl.col("end_d").max().alias("last_end"), pl.col("g").max().alias("last_g")
+        pl.col("end_d").max().alias("last_end"),
+        pl.col("g").max().alias("last_g"),
+        pl.col("end_d").filter("died").min().alias("died_end"),
     )
-    persons = persons.join(firsts, on="subject_id", how="left").join(
-        lasts, on="subject_id", how="left"
+    persons = (
+        persons.join(firsts, on="subject_id", how="left")
+        .join(lasts, on="subject_id", how="left")
+        .with_columns(pl.min_horizontal(_days("death"), "died_end").alias("death_d"))
     )
     stats.subjects_without_visits = int(persons["first_day"].is_null().sum())
     persons = persons.filter(pl.col("first_day").is_not_null())
     stats.subjects = persons.height
     stats.subjects_without_birth = int(persons["birth"].is_null().sum())
+    stats.deaths = int(persons["death_d"].is_not_null().sum())
+    stats.deaths_from_discharge = int(
+        persons.select(pl.col("death").is_null() & pl.col("died_end").is_not_null()).sum().item()
+    )
+    return persons
+
+
+def _month_day(date: pl.Expr) -> pl.Expr:
+    """(month, day) as one Int32 number: polars gives month and day as Int8, which overflows."""
+    return date.dt.month().cast(pl.Int32) * 100 + date.dt.day().cast(pl.Int32)
+
+
+def _prompt_tokens(persons: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per subject: ``year:`` and ``age:`` at the first visit, gender and race."""
     first = pl.from_epoch(pl.col("first_day").cast(pl.Int64), time_unit="d")
     birth = pl.col("birth").dt.date()
-
-    # (month, day) as one Int32 number: polars gives month and day as Int8, which overflows.
-    def month_day(date: pl.Expr) -> pl.Expr:
-        return date.dt.month().cast(pl.Int32) * 100 + date.dt.day().cast(pl.Int32)
-
     age = (
         first.dt.year().cast(pl.Int32)
         - birth.dt.year().cast(pl.Int32)
-        - (month_day(first) < month_day(birth)).cast(pl.Int32)
+        - (_month_day(first) < _month_day(birth)).cast(pl.Int32)
     )
     year_id = (first.dt.year().clip(*YEAR_RANGE) - YEAR_RANGE[0] + tok.year_base).cast(I32)
     age_id = (
@@ -429,40 +606,48 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .cast(I32)
     )
     prompt = persons.with_columns(pl.col("first_g").alias("g"), pl.col("first_day").alias("day"))
-    for slot, id_expr in enumerate(
-        (
-            year_id,
-            age_id,
-            _ids(pl.col("gender").fill_null(mc.gender_code(None)), tok),
-            _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
+    return [
+        _token_rows(prompt, id_expr, _PROMPT, slot)
+        for slot, id_expr in enumerate(
+            (
+                year_id,
+                age_id,
+                _ids(pl.col("gender").fill_null(mc.gender_code(None)), tok),
+                _ids(pl.col("race").fill_null(mc.race_code(None)), tok),
+            )
         )
-    ):
-        token_rows.append(_token_rows(prompt, id_expr, _PROMPT, slot))
-    died = (
-        persons.filter(pl.col("death").is_not_null())
-        .with_columns(_days("death").alias("death_d"))
-        .with_columns(
-            pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap"),
-            pl.col("last_g").alias("g"),
-        )
+    ]
+
+
+def _death_tokens(persons: pl.DataFrame, tok: EhrTokenizer) -> list[pl.DataFrame]:
+    """Per subject who died: ``ATT [VS] [DEATH] [VE]`` after the last visit."""
+    died = persons.filter(pl.col("death_d").is_not_null()).with_columns(
+        pl.max_horizontal(pl.col("death_d") - pl.col("last_end"), pl.lit(0)).alias("dgap"),
+        pl.col("last_g").alias("g"),
     )
     died = _with_att(died, "dgap", tok).with_columns(
         pl.max_horizontal("death_d", "last_end").alias("day")
     )
-    for slot, id_expr in enumerate(
-        (
-            pl.col("a1"),
-            pl.col("a2"),
-            pl.col("a3"),
-            pl.lit(vs, I32),
-            pl.lit(tok.token_to_id[DEATH], I32),
-            pl.lit(ve, I32),
+    vs, ve = tok.token_to_id[VS], tok.token_to_id[VE]
+    return [
+        _token_rows(died, id_expr, _DEATH, slot)
+        for slot, id_expr in enumerate(
+            (
+                pl.col("a1"),
+                pl.col("a2"),
+                pl.col("a3"),
+                pl.lit(vs, I32),
+                pl.lit(tok.token_to_id[DEATH], I32),
+                pl.lit(ve, I32),
+            )
         )
-    ):
-        token_rows.append(_token_rows(died, id_expr, _DEATH, slot))
+    ]
 
+
+def _assemble(token_rows: list[pl.DataFrame], persons: pl.DataFrame) -> pl.DataFrame:
+    """All token rows in key order -> one row per subject with its lists, days and counts."""
     flat = pl.concat(token_rows, how="vertical").filter(pl.col("id").is_not_null()).sort("key")
-    out = (
+    return (
         _to_lists(flat)
         .join(
             persons.select("subject_id", "first_day", _days("birth").alias("birth_day")),
@@ -472,6 +657,3 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
         .with_columns(pl.col("input_ids").list.len().cast(I32).alias("n_tokens"))
         .sort("subject_id")
     )
-    stats.tokens = int(out["n_tokens"].sum())
-    stats.short_records = int((out["n_tokens"] < MIN_PRETRAIN_TOKENS).sum())
-    return out, stats

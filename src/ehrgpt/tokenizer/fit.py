@@ -1,14 +1,20 @@
 """Fitting a tokenizer on the training shards: patient counts per code, value samples.
 
+Only codes that can stand in a timeline are counted: timed codes, and the static gender and
+race codes of the demographic prompt. Other static codes (``ETHNICITY/...``, null time in
+MEDS) have no place in a visit, so they never enter the vocabulary (encoding counts them).
+
 >>> import polars as pl
->>> f = pl.DataFrame({"subject_id": [1, 1, 2], "code": ["A", "A", "A"],
-...                   "value_code": [None, "V", None], "time": [0, 1, 2]})
+>>> f = pl.DataFrame({"subject_id": [1, 1, 2, 2, 2], "code": ["A", "A", "A", "ETHNICITY/1",
+...                   "GENDER/8507"], "value_code": [None, "V", None, None, None],
+...                   "time": [0, 1, 2, None, None]})
 >>> sorted(patient_code_counts(f).rows())
-[('A', 2), ('VAL:V', 1)]
+[('A', 2), ('GENDER/8507', 1), ('VAL:V', 1)]
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from pathlib import Path
 
@@ -22,9 +28,12 @@ from ehrgpt.util.progress import track
 
 def patient_code_counts(frame: pl.DataFrame) -> pl.DataFrame:
     """Patients per code (each code counted once per patient), categorical values included."""
-    codes = frame.filter(~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])).select(
-        "subject_id", "code"
-    )
+    code = pl.col("code").str
+    prompt = code.starts_with(mc.GENDER_PREFIX) | code.starts_with(mc.RACE_PREFIX)
+    in_timeline = pl.col("time").is_not_null() | prompt
+    codes = frame.filter(
+        in_timeline & ~pl.col("code").is_in([mc.BIRTH_CODE, mc.DEATH_CODE])
+    ).select("subject_id", "code")
     if "value_code" in frame.columns:
         values = frame.filter(pl.col("value_code").is_not_null()).select(
             "subject_id", (pl.lit(VALUE_PREFIX) + pl.col("value_code")).alias("code")
@@ -35,21 +44,27 @@ def patient_code_counts(frame: pl.DataFrame) -> pl.DataFrame:
 
 def collect_statistics(
     shards: list[Path], *, seed: int = 0, progress: bool = True
-) -> tuple[Counter, int, list[pl.DataFrame]]:
-    """One pass over training shards: code patient counts, number of subjects, value samples."""
+) -> tuple[Counter, int, list[pl.DataFrame], dt.date | None]:
+    """One pass over training shards: code patient counts, number of subjects, value samples,
+    and the latest event date."""
     counts: Counter = Counter()
     n_subjects = 0
     samples = []
+    last: dt.date | None = None
     for i, path in enumerate(
         track(shards, len(shards), "Vocabulary", unit="shards", enabled=progress)
     ):
         frame = pl.read_parquet(path)
         n_subjects += frame["subject_id"].n_unique()
         counts.update(dict(patient_code_counts(frame).iter_rows()))
+        latest = frame["time"].max()
+        if latest is not None:
+            day = latest.date() if isinstance(latest, dt.datetime) else latest
+            last = day if last is None else max(last, day)
         if "numeric_value" in frame.columns:
             unit = pl.col("unit") if "unit" in frame.columns else pl.lit(None, pl.String)
             samples.append(sample_values(frame.with_columns(unit.alias("unit")), seed=seed + i))
-    return counts, n_subjects, samples
+    return counts, n_subjects, samples, last
 
 
 def fit_tokenizer(
@@ -65,7 +80,9 @@ def fit_tokenizer(
 
     Returns the tokenizer and the number of codes added.
     """
-    counts, n_subjects, samples = collect_statistics(train_shards, seed=seed, progress=progress)
+    counts, n_subjects, samples, last = collect_statistics(
+        train_shards, seed=seed, progress=progress
+    )
     bins = fit_value_bins(samples)
     if base is None:
         tok = EhrTokenizer.build(
@@ -74,7 +91,8 @@ def fit_tokenizer(
             n_subjects=n_subjects,
             min_prevalence=min_prevalence,
             value_bins=bins,
+            last_date=last,
         )
         return tok, len(tok)
-    added = base.expand(counts, n_subjects=n_subjects, value_bins=bins)
+    added = base.expand(counts, n_subjects=n_subjects, value_bins=bins, last_date=last)
     return base, added

@@ -7,9 +7,11 @@ Layout (ids in this order, so time, year and age tokens are contiguous ranges):
 3. ``year:1800..year:2100``, ``age:0..age:130``, ``age:UNKNOWN``;
 4. value bins ``VAL:Q0..VAL:Q9``;
 5. structure codes seen in training (visit types, discharges, gender, race, plus their
-   ``UNKNOWN``), whatever their prevalence;
+   ``UNKNOWN``, always there), whatever their prevalence; a structure code outside the
+   vocabulary is read as its class's ``UNKNOWN`` (``VISIT/UNKNOWN``, ...), never ``[OOV]``;
 6. clinical codes and categorical values (``VAL:<code>``) seen in at least
-   ``min_prevalence`` of training patients, most frequent first.
+   ``min_prevalence`` of training patients, most frequent first. Static codes (null time in
+   MEDS, other than gender and race: ``ETHNICITY/...``) never enter (see :mod:`.fit`).
 
 Expansion for a new dataset appends new codes after the last id, so old ids never move.
 
@@ -17,6 +19,8 @@ Expansion for a new dataset appends new codes after the last id, so old ids neve
 ...                          n_subjects=10, min_prevalence=0.5)
 >>> tok.token_to_id["[PAD]"], tok.token_to_id["[OOV]"], "SNOMED/1" in tok, "SNOMED/2" in tok
 (0, 1, True, False)
+>>> tok.id("VISIT/123456") == tok.token_to_id["VISIT/UNKNOWN"], tok.id("X/1") == tok.id("[OOV]")
+(True, True)
 >>> n = len(tok); added = tok.expand({"SNOMED/2": 7, "SNOMED/3": 8}, n_subjects=10)
 >>> added, tok.token_to_id["SNOMED/1"] < n <= tok.token_to_id["SNOMED/2"]
 (2, True)
@@ -24,6 +28,7 @@ Expansion for a new dataset appends new codes after the last id, so old ids neve
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +57,10 @@ AGE_UNKNOWN = "age:UNKNOWN"
 VALUE_PREFIX = "VAL:"
 STRUCTURE_PREFIXES = (mc.VISIT_PREFIX, mc.DISCHARGE_PREFIX, mc.GENDER_PREFIX, mc.RACE_PREFIX)
 ALWAYS_STRUCTURE = tuple(p + mc.UNKNOWN for p in STRUCTURE_PREFIXES)
+#: Codes only ever static (null time): kept out of the vocabulary and never sampled.
+STATIC_ONLY_PREFIXES = (mc.ETHNICITY_PREFIX,)
+#: The discharge that means death ("Patient died"): the death visit must follow it.
+DIED_DISCHARGE = mc.discharge_code(mc.DIED_DISCHARGE_CONCEPT)
 
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -74,6 +83,18 @@ def is_structure_code(code: str) -> bool:
     return code.startswith(STRUCTURE_PREFIXES)
 
 
+def unknown_of(code: str) -> str | None:
+    """The ``UNKNOWN`` token of a structure code's class (None for other codes).
+
+    >>> unknown_of("DISCHARGE/8536"), unknown_of("SNOMED/1")
+    ('DISCHARGE/UNKNOWN', None)
+    """
+    for prefix in STRUCTURE_PREFIXES:
+        if code.startswith(prefix):
+            return prefix + mc.UNKNOWN
+    return None
+
+
 @dataclass
 class EhrTokenizer:
     """Token <-> id maps plus what encoding and decoding need (scheme, value bins, counts)."""
@@ -85,6 +106,8 @@ class EhrTokenizer:
     code_counts: dict[str, int] = field(default_factory=dict)
     n_subjects: int = 0
     inpatient_visit_codes: tuple[str, ...] = tuple(sorted(mc.INPATIENT_VISIT_CODES))
+    #: The latest event date of the training data (None in folders written before it was kept).
+    last_date: dt.date | None = None
 
     def __post_init__(self) -> None:
         self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
@@ -101,11 +124,12 @@ class EhrTokenizer:
         n_subjects: int,
         min_prevalence: float = 0.001,
         value_bins: dict[tuple[str, str | None], ValueBins] | None = None,
+        last_date: dt.date | None = None,
     ) -> EhrTokenizer:
         """A new vocabulary from per-code patient counts on the training split."""
         tokens = base_tokens(att_scheme)
         tok = cls(att_scheme, tokens, min_prevalence, dict(value_bins or {}), {}, 0)
-        tok.expand(code_counts, n_subjects=n_subjects, value_bins=value_bins)
+        tok.expand(code_counts, n_subjects=n_subjects, value_bins=value_bins, last_date=last_date)
         return tok
 
     def expand(
@@ -114,12 +138,16 @@ class EhrTokenizer:
         *,
         n_subjects: int,
         value_bins: dict[tuple[str, str | None], ValueBins] | None = None,
+        last_date: dt.date | None = None,
     ) -> int:
         """Append codes of a (new) dataset that pass the prevalence rule; returns how many.
 
         Existing ids stay as they are; counts are added; value bins of new (code, unit) pairs
-        are added while existing bins are kept (their tokens keep their meaning).
+        are added while existing bins are kept (their tokens keep their meaning). Static-only
+        codes (``ETHNICITY/...``) are never added; ``last_date`` becomes the later of both.
         """
+        if last_date is not None:
+            self.last_date = max(last_date, self.last_date or last_date)
         for code, n in code_counts.items():
             self.code_counts[code] = self.code_counts.get(code, 0) + int(n)
         self.n_subjects += int(n_subjects)
@@ -129,7 +157,9 @@ class EhrTokenizer:
         new = [
             c
             for c, n in code_counts.items()
-            if c not in self.token_to_id and (is_structure_code(c) or (n >= threshold and n > 0))
+            if c not in self.token_to_id
+            and not c.startswith(STATIC_ONLY_PREFIXES)
+            and (is_structure_code(c) or (n >= threshold and n > 0))
         ]
         # Structure codes first, then by frequency, ties by name: deterministic ids.
         new.sort(key=lambda c: (not is_structure_code(c), -code_counts[c], c))
@@ -146,8 +176,16 @@ class EhrTokenizer:
         return token in self.token_to_id
 
     def id(self, token: str) -> int:
-        """The id of a token, ``[OOV]``'s id if unknown."""
-        return self.token_to_id.get(token, self.token_to_id[OOV])
+        """The id of a token; if unknown, its class's ``UNKNOWN`` (structure) or ``[OOV]``."""
+        found = self.token_to_id.get(token)
+        if found is not None:
+            return found
+        return self.token_to_id[unknown_of(token) or OOV]
+
+    @property
+    def data_end(self) -> dt.date:
+        """The latest date a generated event may have: the training data's, or today."""
+        return self.last_date or dt.date.today()
 
     def base(self, first_token: str) -> int:
         """The id of the first token of a contiguous range (``year:1800``, ``i-D1``, ...)."""
@@ -196,6 +234,7 @@ class EhrTokenizer:
             "bos_token": START,
             "eos_token": END,
             "inpatient_visit_codes": list(self.inpatient_visit_codes),
+            "last_date": self.last_date.isoformat() if self.last_date else None,
         }
         files = {
             VOCAB_FILE: self.token_to_id,
@@ -231,6 +270,9 @@ class EhrTokenizer:
             inpatient_visit_codes=tuple(
                 config.get("inpatient_visit_codes", sorted(mc.INPATIENT_VISIT_CODES))
             ),
+            last_date=dt.date.fromisoformat(config["last_date"])
+            if config.get("last_date")
+            else None,
         )
 
 

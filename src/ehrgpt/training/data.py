@@ -1,4 +1,4 @@
-"""Tokenized records -> pretraining samples (SPEC section 4).
+"""Tokenized records -> pretraining samples (docs/method.md section 6).
 
 A prepared run holds one row per subject in ``RUN/tokenized/{split}/*.parquet``. For
 pretraining each record becomes one *sample* of at most ``context`` tokens:

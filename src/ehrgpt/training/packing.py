@@ -1,4 +1,5 @@
-"""Sample packing: samples concatenated into rows of a fixed token budget (SPEC section 4).
+"""Sample packing: samples concatenated into rows of a fixed token budget (docs/method.md
+section 6).
 
 Each row holds whole samples only; ``position_ids`` restart at 0 and ``segment_ids`` count
 1, 2, ... per sample (0 = padding), so the model's attention can be block-diagonal and no

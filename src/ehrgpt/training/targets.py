@@ -1,4 +1,4 @@
-"""Targets of the four pretraining heads for one record's token ids (SPEC 5).
+"""Targets of the four pretraining heads for one record's token ids (docs/method.md section 7).
 
 Position ``t`` of every target is about the *next* token ``t + 1`` (the model at ``t`` has
 seen tokens ``0..t``):

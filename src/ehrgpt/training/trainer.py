@@ -1,7 +1,11 @@
 """The training loop: packed batches, AdamW, warmup + cosine, validation, checkpoints, resume.
 
 One optimizer step uses ``grad_accum`` batches on each rank (``rows_per_batch`` packed rows of
-``tokens_per_row`` tokens each). The loop
+``tokens_per_row`` tokens each). Its loss is the model's own total over all of them: each term
+is summed over every target position of the step and divided by the step's count of its
+targets (counted before the forwards, added over ranks), so the gradient does not depend on
+how the step is split into micro-batches and ranks; the weights of the terms are the model
+config's, applied by the model (``total_loss``) only. The loop
 
 - clips gradients at ``grad_clip``, uses bf16 autocast on CUDA devices that support it (fp32
   otherwise), warms the learning rate up linearly over ``warmup_ratio`` of the planned steps,
@@ -25,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -38,9 +41,11 @@ import numpy as np
 import torch
 
 from ehrgpt.errors import EhrgptError
+from ehrgpt.model.modeling import LOSS_TERMS, TIME_PARTS, count_targets
 from ehrgpt.training import distributed as D
 from ehrgpt.training.data import Piece, Records, materialize, plan_counts, plan_epoch
 from ehrgpt.training.packing import IGNORE_INDEX, batch_rows, collate_batch, pack_rows
+from ehrgpt.util import atomic
 from ehrgpt.util.atomic import fsync_dir
 from ehrgpt.util.progress import Bar
 from ehrgpt.util.seeding import seed_everything
@@ -49,8 +54,6 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 DATA_LOG = "data_log.jsonl"
 STATE_FILE = "trainer_state.json"
-#: The loss term whose exponential is the perplexity (next-token cross-entropy).
-TOKEN_LOSS_KEYS = ("next_token", "token", "lm", "ce", "next_token_loss")
 
 
 @dataclass
@@ -258,7 +261,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw, cfg, fused=cuda)
         self.state = init_state or TrainState(seed=seed, world_size=dist.world_size)
         self.per_step = cfg.grad_accum * dist.world_size
-        self._sum_keys: list[str] | None = None
+        self._zero = torch.zeros((), dtype=torch.long, device=dist.device)
         first = self._plan(0)  # epoch 0 fixes steps per epoch and the unigram baseline
         self.steps_per_epoch = len(first) // self.per_step
         if self.steps_per_epoch < 1:
@@ -346,75 +349,93 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
     def _train_step(self, plan: EpochPlan, batch_ids: list[int]) -> tuple[dict, int]:
+        """One optimizer step over this rank's micro-batches ``batch_ids``.
+
+        The step's loss is the model's total over every target of the step, on all ranks:
+        each term's sum divided by the step's count of its targets (:func:`count_targets`
+        on every micro-batch, added over ranks, before any forward). Each micro-batch
+        backpropagates its share, ``model.total_loss(its sums, the step's counts)``, times the
+        number of ranks (DDP averages gradients over ranks), so the gradients add up to the
+        gradient of the step's loss however the step is split (docs/method.md, losses).
+        """
         self.model.train()
-        sums: dict[str, float] = {}
-        for a, b in enumerate(batch_ids):
-            batch = self._tensors(plan.samples(b))
-            last = a == len(batch_ids) - 1
+        batches = [self._tensors(plan.samples(b)) for b in batch_ids]
+        counts = self._step_counts(batches)
+        sums: dict[str, torch.Tensor] = {}
+        for a, batch in enumerate(batches):
+            last = a == len(batches) - 1
             sync = (
                 self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
             )
             with sync:
                 with self._autocast():
                     out = self.model(**batch)
-                (out.loss / len(batch_ids)).backward()
-            _accumulate(sums, out, batch)
+                loss = self.raw.total_loss(out.loss_sums, counts)
+                (loss * self.dist.world_size).backward()
+            _add(sums, {k: v.detach() for k, v in out.loss_sums.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, n_tokens = self._reduce(sums)
+        tokens = sum((batch["segment_ids"] > 0).sum() for batch in batches)
+        losses, n_tokens = self._reduce(sums, counts, tokens)
         losses["grad_norm"] = float(grad_norm)
         return losses, n_tokens
 
-    def _reduce(self, sums: dict[str, float]) -> tuple[dict[str, float], int]:
-        """Sums over ranks -> each term's mean over the positions where it had targets.
+    def _step_counts(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Targets of each loss term in the whole step: this rank's batches, over all ranks."""
+        counts: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            _add(counts, count_targets(batch))
+        packed = torch.stack([counts.get(k, self._zero) for k in LOSS_TERMS])
+        packed = D.all_reduce_sum(packed, self.dist)
+        return {k: packed[i] for i, k in enumerate(LOSS_TERMS) if k in counts}
 
-        ``loss`` is the mean of the batches' totals (what was optimised); a term without any
-        target (no value tokens in the data, say) is left out rather than logged as 0.
+    def _reduce(
+        self,
+        sums: dict[str, torch.Tensor],
+        counts: dict[str, torch.Tensor],
+        tokens: torch.Tensor | int,
+    ) -> tuple[dict[str, float], int]:
+        """Loss sums added over ranks -> the model's total and each term's mean, as floats.
+
+        ``counts`` are already global. ``loss`` is the model's total over all the targets
+        (what was optimised); a term without any target (no value tokens in the data, say)
+        is left out rather than logged as 0.
         """
-        if self._sum_keys is None:  # the same on every rank: the model's terms never change
-            self._sum_keys = D.broadcast_object(sorted(sums), self.dist)
-        keys = self._sum_keys
-        packed = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-        packed = D.all_reduce_sum(packed.to(self.dist.device), self.dist).cpu()
-        total = dict(zip(keys, packed.tolist(), strict=True))
-        losses = {
-            k: total[k] / total[f"_n:{k}"]
-            for k in keys
-            if not k.startswith("_") and total[f"_n:{k}"] > 0
-        }
-        parts = [losses[p] for p in ("time_year", "time_month", "time_day") if p in losses]
-        if "time_decomposition" in losses:  # a sum of three means, not a mean of its own
+        packed = torch.stack(
+            [sums.get(k, self._zero).double() for k in LOSS_TERMS]
+            + [torch.as_tensor(tokens, device=self.dist.device).double()]
+        )
+        packed = D.all_reduce_sum(packed, self.dist).cpu().tolist()
+        total = {k: torch.tensor(packed[i]) for i, k in enumerate(LOSS_TERMS) if k in counts}
+        n = {k: counts[k].cpu().double() for k in total}
+        losses = {"loss": float(self.raw.total_loss(total, n))}
+        losses |= {k: float(total[k] / n[k]) for k in total if n[k] > 0}
+        parts = [losses[k] for k in TIME_PARTS if k in losses]
+        if parts:  # a sum of three means, as the model reports it
             losses["time_decomposition"] = sum(parts)
-        return losses, int(total.get("_tokens", 0))
+        return losses, int(packed[-1])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss (each term) and perplexity on the tuning split, over all ranks."""
+        """Validation loss (the model's total) and perplexity on the tuning split, all ranks."""
         self.raw.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
         for batch in self._val:
             with self._autocast():
                 out = self.raw(**batch)
-            _accumulate(sums, out, batch)
-        if not sums:  # this rank had no validation batch
-            sums = dict.fromkeys(self._sum_keys or [], 0.0)
-        losses, _ = self._reduce(sums)
-        # The total as the model defines it, from the exact per-term means.
-        c = self.raw.config
-        weights = {
-            "next_token": getattr(c, "next_token_weight", 1.0),
-            "time_decomposition": getattr(c, "time_decomposition_weight", 1.0),
-            "time_to_visit": getattr(c, "time_to_visit_weight", 1.0),
-            "value": getattr(c, "value_weight", 1.0),
-        }
-        if "next_token" in losses:
-            losses["loss"] = sum(w * losses[k] for k, w in weights.items() if k in losses)
-        token_key = next((k for k in TOKEN_LOSS_KEYS if k in losses), "loss")
+            _add(sums, out.loss_sums)
+            _add(counts, count_targets(batch))
+        # A rank without a validation batch still joins the all-reduce, with zeros.
+        packed = torch.stack([counts.get(k, self._zero) for k in LOSS_TERMS])
+        packed = D.all_reduce_sum(packed, self.dist)
+        counts = {k: packed[i] for i, k in enumerate(LOSS_TERMS) if packed[i] > 0}
+        losses, _ = self._reduce(sums, counts, 0)
         return {
             "val_loss": losses.pop("loss"),
-            "val_ppl": math.exp(min(losses.get(token_key, math.nan), 50.0)),
+            "val_ppl": math.exp(min(losses.get("next_token", math.nan), 50.0)),
             "val_losses": losses,
         }
 
@@ -471,7 +492,7 @@ class Trainer:
                     st.done, st.stop_reason = True, "planned steps reached"
                 record["elapsed_s"] = st.train_seconds
                 if self.dist.is_main:
-                    _append_jsonl(self.out / METRICS, record)
+                    atomic.append_jsonl(self.out / METRICS, record)
                 if st.step % cfg.checkpoint_every == 0 or st.done:
                     self.save_checkpoint()
                 bar.update(
@@ -515,7 +536,7 @@ class Trainer:
         }
         every = D.gather_objects(entry, self.dist)
         if self.dist.is_main:
-            _append_jsonl(
+            atomic.append_jsonl(
                 self.out / DATA_LOG, {"step": st.step + 1, "epoch": st.epoch, "ranks": every}
             )
 
@@ -540,11 +561,9 @@ class Trainer:
             torch.save(rng, tmp / "rng.pt")
             if (self.out / METRICS).exists():
                 shutil.copyfile(self.out / METRICS, tmp / METRICS)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(st), indent=1, default=_json))
+            atomic.write_json(tmp / STATE_FILE, asdict(st))
             fsync_dir(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            atomic.replace_folder(tmp, folder)
             for old in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         D.barrier(self.dist)
@@ -585,17 +604,10 @@ class Trainer:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _accumulate(sums: dict[str, float], out, batch: dict[str, torch.Tensor]) -> None:
-    """Add a batch's loss terms, weighted by their target counts, to running sums."""
-    sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
-    sums["_n:loss"] = sums.get("_n:loss", 0.0) + 1.0
-    counts = out.n_targets or {}
-    n_labels = float((batch["labels"] != IGNORE_INDEX).sum())
-    for key, value in (out.losses or {}).items():
-        n = float(counts.get(key, n_labels))
-        sums[key] = sums.get(key, 0.0) + float(value) * n
-        sums[f"_n:{key}"] = sums.get(f"_n:{key}", 0.0) + n
-    sums["_tokens"] = sums.get("_tokens", 0.0) + float((batch["segment_ids"] > 0).sum())
+def _add(into: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Add ``values`` to the running totals ``into``, key by key."""
+    for key, value in values.items():
+        into[key] = into[key] + value if key in into else value
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -621,40 +633,13 @@ def restore_logs(out: Path, checkpoint: Path, step: int) -> None:
     """Put back the metrics of ``checkpoint`` and cut the data log after ``step``."""
     saved = checkpoint / METRICS
     if saved.exists():
-        tmp = out / f".{METRICS}.tmp"
-        shutil.copyfile(saved, tmp)
-        os.replace(tmp, out / METRICS)
+        atomic.copy_file(saved, out / METRICS)
     else:
         (out / METRICS).unlink(missing_ok=True)
     log = out / DATA_LOG
     if log.exists():
-        kept = [r for r in read_jsonl(log) if r.get("step", 0) <= step]
-        tmp = out / f".{DATA_LOG}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, log)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file (a last line cut by a crash is skipped)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json) + "\n")
-        f.flush()
-
-
-def _json(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+        kept = [r for r in atomic.read_jsonl(log) if r.get("step", 0) <= step]
+        atomic.write_jsonl(log, kept)
 
 
 def _save_pretrained(model: torch.nn.Module, folder: Path) -> None:

@@ -38,7 +38,8 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """How values JSON lacks are written: paths and dates as text, numpy scalars as numbers."""
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dt.date | dt.datetime):
@@ -73,7 +74,7 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any, *, indent: int = 1) -> None:
     """Write JSON atomically (paths, dates and numpy scalars become plain values)."""
-    write_text(path, json.dumps(data, indent=indent, default=_default) + "\n")
+    write_text(path, json.dumps(data, indent=indent, default=json_default) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -83,7 +84,23 @@ def read_json(path: Path) -> Any:
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Write JSON lines atomically."""
-    write_text(path, "".join(json.dumps(r, default=_default) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one record to a JSON-lines log (a line cut by a crash is skipped on reading)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=json_default) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file (a last line cut by a crash is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
 
 
 def write_parquet(path: Path, table: pa.Table | pl.DataFrame) -> None:

@@ -21,13 +21,17 @@ metadata, or ``domain_id`` of a concept table); a concept of no known clinical d
 
 :class:`OmopWriter` appends converted chunks to a DuckDB file, a folder of parquet or CSV files
 (``table/part-000.parquet``), or a PostgreSQL schema (``COPY FROM STDIN``), one atomic unit per
-chunk, and adds the ``concept`` rows the chunk uses that the target lacks.
+chunk. Into a target without a vocabulary it copies the real ``concept`` rows of the source
+(never made up); a target whose ``concept`` table holds rows gets none.
 
 Identifiers. ``person_id = subject_id + id_offset``; visit, event and observation-period ids
-run from ``id_offset`` (one sequence shared by all tables, continued across chunks). Synthetic
-persons must never share an id with real ones: pass an ``id_offset`` above the real maximum
-person id, e.g. :data:`SYNTHETIC_ID_OFFSET` (``10**12``); ids are BIGINT for that reason. The
-writer refuses a chunk whose person ids already exist in the target.
+run from ``first_id`` (default ``id_offset``; one sequence shared by all tables, continued
+across chunks and above the largest id already in the target). No id is 0 (OHDSI tools read
+0 as "none"). Synthetic persons must never share an id with real ones: pass an ``id_offset``
+above the real maximum person id. The writer reads the types of the target's id columns
+(the official CDM 5.4 DDL declares them 32-bit ``integer``; ehrgpt creates BIGINT ones) and
+refuses, before writing, ids they cannot hold (:meth:`OmopWriter.check_ids`), and person ids
+that already exist in the target.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ehrgpt.sinks.omop.schema import (
     CDM_TABLES,
     EHR_TYPE_CONCEPT,
     EVENT_TABLES,
+    INT32_MAX,
     SYNTHETIC_ID_OFFSET,
     CdmColumn,
     conform,
@@ -49,6 +54,7 @@ __all__ = [
     "CDM_TABLES",
     "EHR_TYPE_CONCEPT",
     "EVENT_TABLES",
+    "INT32_MAX",
     "SYNTHETIC_ID_OFFSET",
     "CdmColumn",
     "OmopTables",

@@ -7,14 +7,13 @@ domain picks the clinical event table it goes to (:func:`domain_table`).
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Mapping
 
 import polars as pl
 
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.sinks.meds import column_or_null
-from ehrgpt.sinks.omop.schema import conform
+from ehrgpt.sinks.omop.schema import CDM_TABLES, conform, polars_type
 
 __all__ = [
     "code_concepts",
@@ -131,53 +130,35 @@ def _from_concept_table(out: pl.DataFrame, concept_table: pl.DataFrame) -> pl.Da
 
 
 def concept_rows(
-    concept_ids: Iterable[int], codes: pl.DataFrame, concept_table: pl.DataFrame | None = None
-) -> pl.DataFrame:
-    """CDM ``concept`` rows for ``concept_ids``: from the concept table where it has them, else
-    made from the codes metadata (vocabulary and code from ``{vocabulary}/{code}``).
+    concept_ids: Iterable[int], concept_table: pl.DataFrame | None
+) -> tuple[pl.DataFrame, int]:
+    """(rows, n_incomplete): the real CDM ``concept`` rows of ``concept_ids`` found in
+    ``concept_table`` (a source's vocabulary), and how many of them lack a column the CDM
+    declares NOT NULL (those are left out). No row is ever made up: ids the table lacks get none.
 
-    Ids that neither knows (structure concepts such as gender without a concept table, or
-    ``OMOP_CONCEPT/<id>`` codes) get no row: ehrgpt's OMOP reader maps them back by id.
-
-    >>> codes = pl.DataFrame({"code": ["SNOMED/1"], "omop_concept_id": [11],
-    ...                       "omop_domain": ["Condition"], "description": ["Flu"]})
-    >>> concept_rows([11, 8532], codes).select("concept_id", "vocabulary_id", "concept_code").rows()
-    [(11, 'SNOMED', '1')]
+    >>> import datetime as dt
+    >>> table = pl.DataFrame({"concept_id": [11, 12], "concept_name": ["Flu", None],
+    ...     "domain_id": ["Condition"] * 2, "vocabulary_id": ["SNOMED"] * 2,
+    ...     "concept_class_id": ["Clinical Finding"] * 2, "standard_concept": ["S"] * 2,
+    ...     "concept_code": ["1", "2"], "valid_start_date": [dt.date(1970, 1, 1)] * 2,
+    ...     "valid_end_date": [dt.date(2099, 12, 31)] * 2})
+    >>> rows, n_incomplete = concept_rows([11, 12, 8532], table)
+    >>> rows.select("concept_id", "concept_class_id", "standard_concept").rows(), n_incomplete
+    ([(11, 'Clinical Finding', 'S')], 1)
     """
     ids = sorted({int(i) for i in concept_ids if i})
-    parts = []
-    if concept_table is not None and ids:
-        have = concept_table.filter(pl.col("concept_id").cast(pl.Int64).is_in(ids))
-        parts.append(conform("concept", _concept_defaults(have)))
-    made = (
-        code_concepts(codes)
-        .filter(
-            pl.col("concept_id").is_in(ids)
-            & pl.col("vocabulary_id").is_not_null()
-            & pl.col("concept_code").is_not_null()
-        )
-        .with_columns(pl.coalesce("concept_name", "code").alias("concept_name"))
-        .unique("concept_id", keep="first", maintain_order=True)
+    empty = pl.DataFrame(schema={c.name: polars_type(c.type) for c in CDM_TABLES["concept"]})
+    if concept_table is None or not ids:
+        return empty, 0
+    have = concept_table.filter(pl.col("concept_id").cast(pl.Int64).is_in(ids)).unique(
+        "concept_id", keep="first"
     )
-    if parts:
-        made = made.filter(~pl.col("concept_id").is_in(parts[0]["concept_id"].cast(pl.Int64)))
-    parts.append(conform("concept", _concept_defaults(made)))
-    return pl.concat(parts).sort("concept_id")
-
-
-def _concept_defaults(frame: pl.DataFrame) -> pl.DataFrame:
-    """Fill the NOT NULL concept columns a minimal concept frame may lack."""
-    defaults = {
-        "concept_name": pl.lit("Unknown"),
-        "domain_id": pl.lit("Observation"),
-        "concept_class_id": pl.lit("Undefined"),
-        "valid_start_date": pl.lit(dt.date(1970, 1, 1)),
-        "valid_end_date": pl.lit(dt.date(2099, 12, 31)),
-    }
-    return frame.with_columns(
-        (pl.coalesce(pl.col(c), d) if c in frame.columns else d).alias(c)
-        for c, d in defaults.items()
+    typed = have.select(
+        column_or_null(have, c.name, polars_type(c.type)) for c in CDM_TABLES["concept"]
     )
+    required = [c.name for c in CDM_TABLES["concept"] if c.required]
+    complete = typed.drop_nulls(required)
+    return conform("concept", complete).sort("concept_id"), typed.height - complete.height
 
 
 def lookup_concept(frame: pl.DataFrame, column: str, ids: pl.DataFrame, alias: str) -> pl.DataFrame:

@@ -8,8 +8,10 @@ no known clinical domain goes to ``observation`` and is counted. No row is dropp
 
 Identifiers. ``person_id = subject_id + id_offset``; visit, event and observation-period ids
 run from ``id_offset`` (one sequence shared by all tables, continued across chunks through
-``first_id``). Synthetic persons must never share an id with real ones: pass an ``id_offset``
-above the real maximum person id, e.g. :data:`~ehrgpt.sinks.omop.schema.SYNTHETIC_ID_OFFSET`.
+``first_id``). No id is 0 (OHDSI tools read 0 as "none"). Synthetic persons must never share
+an id with real ones: pass an ``id_offset`` above the real maximum person id that still fits
+the target's id columns (32-bit ``integer`` in the official CDM 5.4 DDL,
+:data:`~ehrgpt.sinks.omop.schema.INT32_MAX`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Mapping
 
 import polars as pl
 
+from ehrgpt.errors import SinkError
 from ehrgpt.sinks.omop.events import event_tables
 from ehrgpt.sinks.omop.person import death_table, observation_period_table, person_table
 from ehrgpt.sinks.omop.rows import prepare_rows
@@ -69,7 +72,7 @@ def meds_to_omop(
       ``observation_period`` from each person's first to last date.
 
     Ids of visits, events and observation periods run from ``first_id`` (default
-    ``id_offset``); the result's ``next_id`` is where the next chunk continues.
+    ``id_offset``, at least 1); the result's ``next_id`` is where the next chunk continues.
 
     >>> import datetime as dt
     >>> d = dt.datetime
@@ -98,7 +101,9 @@ def meds_to_omop(
     """  # noqa: E501
     rows, concepts = prepare_rows(frame, codes, id_offset=id_offset, concept_table=concept_table)
     notes: Counter[str] = Counter()
-    next_id = id_offset if first_id is None else int(first_id)
+    next_id = max(id_offset, 1) if first_id is None else int(first_id)
+    if next_id < 1:
+        raise SinkError(f"Record ids start at 1 (OHDSI tools read 0 as none); got {next_id}.")
     person, rows = person_table(rows, concepts, notes)
     visits, visit_map, rows = visit_table(rows, concepts, notes, type_concept_id, next_id)
     next_id += visits.height

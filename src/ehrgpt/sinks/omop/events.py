@@ -14,11 +14,66 @@ from collections import Counter
 import polars as pl
 
 from ehrgpt.meds_format import columns as mc
-from ehrgpt.sinks.omop.concepts import domain_table, lookup_concept
-from ehrgpt.sinks.omop.rows import KIND_DISCHARGE, KIND_EVENT, with_ids
+from ehrgpt.sinks.omop.concepts import code_concepts, domain_table, lookup_concept
+from ehrgpt.sinks.omop.rows import (
+    KIND_ATTR,
+    KIND_BIRTH,
+    KIND_DEATH,
+    KIND_DISCHARGE,
+    KIND_EVENT,
+    KIND_VISIT,
+    row_kind,
+    with_ids,
+)
 from ehrgpt.sinks.omop.schema import EVENT_SPECS, EVENT_TABLES, EventSpec
 
-__all__ = ["event_tables"]
+__all__ = ["event_table", "event_tables", "with_omop_tables"]
+
+
+def event_table(domain: pl.Expr, source_table: pl.Expr) -> pl.Expr:
+    """The event table of a clinical row: its domain's, else its source row's, else
+    ``observation``.
+
+    >>> pl.DataFrame({"d": ["Drug", None, "Gender"], "t": [None, "measurement", None]}).select(
+    ...     event_table(pl.col("d"), pl.col("t")))["d"].to_list()
+    ['drug_exposure', 'measurement', 'observation']
+    """
+    by_source = pl.when(source_table.is_in(EVENT_TABLES)).then(source_table)
+    return pl.coalesce(domain_table(domain), by_source, pl.lit("observation"))
+
+
+def with_omop_tables(
+    frame: pl.DataFrame, codes: pl.DataFrame, concept_table: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """MEDS rows with ``omop_table`` filled where null, as the OMOP sink decides it: ``person``
+    for demographics and birth, ``visit_occurrence`` for visits and discharges, ``death``, and
+    for clinical rows the table of their concept's domain (:func:`event_table`).
+
+    >>> codes = pl.DataFrame({"code": ["LOINC/2"], "omop_domain": ["Measurement"]})
+    >>> rows = pl.DataFrame({"code": ["GENDER/8532", "VISIT/9201", "LOINC/2", "X/1"]})
+    >>> with_omop_tables(rows, codes)["omop_table"].to_list()
+    ['person', 'visit_occurrence', 'measurement', 'observation']
+    """
+    code, kind = pl.col(mc.CODE), pl.col("_kind")
+    source = pl.col(mc.OMOP_TABLE) if mc.OMOP_TABLE in frame.columns else pl.lit(None, pl.String)
+    used = frame.select(pl.col(mc.CODE).unique().alias("code"))
+    concepts = code_concepts(used.join(codes.unique("code"), on="code", how="left"), concept_table)
+    domains = concepts.select(pl.col("code").alias(mc.CODE), pl.col("domain_id").alias("_domain"))
+    table = (
+        pl.when(kind.is_in([KIND_ATTR, KIND_BIRTH]))
+        .then(pl.lit("person"))
+        .when(kind.is_in([KIND_VISIT, KIND_DISCHARGE]))
+        .then(pl.lit("visit_occurrence"))
+        .when(kind == KIND_DEATH)
+        .then(pl.lit("death"))
+        .otherwise(event_table(pl.col("_domain"), source))
+    )
+    return (
+        frame.with_columns(row_kind(code))
+        .join(domains, on=mc.CODE, how="left", maintain_order="left")
+        .with_columns(pl.coalesce(source, table).alias(mc.OMOP_TABLE))
+        .drop("_kind", "_domain")
+    )
 
 
 def event_tables(
@@ -79,7 +134,7 @@ def _event_rows(
     by_domain = domain_table(pl.col("_domain"))
     by_source = pl.when(pl.col(mc.OMOP_TABLE).is_in(EVENT_TABLES)).then(pl.col(mc.OMOP_TABLE))
     events = events.with_columns(
-        pl.coalesce(by_domain, by_source, pl.lit("observation")).alias("_table"),
+        event_table(pl.col("_domain"), pl.col(mc.OMOP_TABLE)).alias("_table"),
         pl.when(by_domain.is_not_null())
         .then(pl.lit(None, pl.String))
         .when(by_source.is_not_null())

@@ -85,10 +85,10 @@ def prepare_rows(
     if id_offset < 0:
         raise SinkError(f"id_offset must be 0 or more (got {id_offset}).")
     rows = as_event_frame(frame)
-    if rows[mc.SUBJECT_ID].null_count() or (rows[mc.SUBJECT_ID] < 0).any():
+    if rows[mc.SUBJECT_ID].null_count() or (rows[mc.SUBJECT_ID] + id_offset < 1).any():
         raise SinkError(
-            "MEDS rows given to the OMOP sink need a subject_id of 0 or more "
-            "(person_id = subject_id + id_offset)."
+            "MEDS rows given to the OMOP sink need subject_id + id_offset of 1 or more "
+            "(person_id = subject_id + id_offset; OHDSI tools read 0 as none)."
         )
     used = used_codes(rows.lazy()).collect()
     used = used.join(codes.unique("code", keep="first"), on="code", how="left")

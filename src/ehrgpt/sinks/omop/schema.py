@@ -19,19 +19,25 @@ __all__ = [
     "EHR_TYPE_CONCEPT",
     "EVENT_SPECS",
     "EVENT_TABLES",
+    "ID_COLUMNS",
+    "INT32_MAX",
     "SEQUENCE_ID_COLUMNS",
     "SYNTHETIC_ID_OFFSET",
     "CdmColumn",
     "EventSpec",
     "conform",
     "id_column",
+    "integer_limit",
     "polars_type",
 ]
 
 #: Type concept "EHR" given to every row (``*_type_concept_id``); pass another if it fits better.
 EHR_TYPE_CONCEPT = 32817
-#: A safe base for synthetic ids: far above the person ids of any real OMOP installation.
+#: A base for synthetic ids far above the person ids of any real OMOP installation; it needs
+#: BIGINT id columns (the official CDM 5.4 DDL declares them ``integer``: see :data:`INT32_MAX`).
 SYNTHETIC_ID_OFFSET = 10**12
+#: The largest id a CDM 5.4 ``integer`` column (32-bit, as in the official DDL) can hold.
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,61 @@ def id_column(table: str) -> str | None:
 SEQUENCE_ID_COLUMNS: dict[str, str] = {
     t: col for t in CDM_TABLES if (col := id_column(t)) and t not in ("person", "concept")
 }
+
+
+#: Table -> the columns of that table that hold record ids ehrgpt writes: its own id, the
+#: person and visit it belongs to.
+ID_COLUMNS: dict[str, tuple[str, ...]] = {
+    table: tuple(
+        c.name
+        for c in cols
+        if c.name in ("person_id", "visit_occurrence_id", "preceding_visit_occurrence_id")
+        or c.name == id_column(table)
+    )
+    for table, cols in CDM_TABLES.items()
+    if table != "concept"
+}
+
+
+def integer_limit(sql_type: str) -> int:
+    """The largest integer a column of this SQL type (PostgreSQL or DuckDB spelling) holds;
+    0 for a type that holds no integer ids (text, dates).
+
+    >>> integer_limit("integer"), integer_limit("BIGINT") == 2**63 - 1, integer_limit("int2")
+    (2147483647, True, 32767)
+    >>> integer_limit("numeric(12,0)"), integer_limit("DOUBLE"), integer_limit("varchar")
+    (999999999999, 9007199254740992, 0)
+    """
+    t = sql_type.strip().lower()
+    named = {
+        "smallint": 2**15 - 1,
+        "int2": 2**15 - 1,
+        "tinyint": 2**7 - 1,
+        "utinyint": 2**8 - 1,
+        "usmallint": 2**16 - 1,
+        "integer": INT32_MAX,
+        "int": INT32_MAX,
+        "int4": INT32_MAX,
+        "uinteger": 2**32 - 1,
+        "bigint": 2**63 - 1,
+        "int8": 2**63 - 1,
+        "ubigint": 2**63 - 1,
+        "hugeint": 2**63 - 1,
+        "uhugeint": 2**63 - 1,
+        "double": 2**53,
+        "double precision": 2**53,
+        "real": 2**24,
+        "float": 2**53,
+    }
+    if t in named:
+        return named[t]
+    m = re.fullmatch(r"(?:numeric|decimal)\s*(?:\((\d+)(?:\s*,\s*(\d+))?\))?", t)
+    if m:
+        if m.group(1) is None:
+            return 2**63 - 1
+        digits = int(m.group(1)) - int(m.group(2) or 0)
+        return min(10**digits - 1, 2**63 - 1)
+    return 0
 
 
 def polars_type(sql_type: str) -> pl.DataType:

@@ -1,8 +1,9 @@
 """Append chunks of MEDS rows, as OMOP CDM 5.4 tables, to DuckDB, a folder or PostgreSQL.
 
 :class:`OmopWriter` converts each chunk with :func:`~ehrgpt.sinks.omop.convert.meds_to_omop`,
-continuing the target's id sequence, refuses person ids the target already has, adds the
-``concept`` rows the chunk uses that the target lacks, and hands the chunk to its backend
+continuing the target's id sequence, refuses person ids the target already has and ids its
+id columns cannot hold, copies real ``concept`` rows into a target without a vocabulary, and
+hands the chunk to its backend
 (:mod:`~ehrgpt.sinks.omop.backends.duckdb`, :mod:`~ehrgpt.sinks.omop.backends.folder`,
 :mod:`~ehrgpt.sinks.omop.backends.postgres`) to write atomically.
 """
@@ -25,12 +26,31 @@ from ehrgpt.sinks.omop.concepts import concept_ids, concept_rows
 from ehrgpt.sinks.omop.convert import meds_to_omop
 from ehrgpt.sinks.omop.schema import (
     EHR_TYPE_CONCEPT,
+    ID_COLUMNS,
     SEQUENCE_ID_COLUMNS,
-    SYNTHETIC_ID_OFFSET,
     conform,
+    integer_limit,
 )
 
-__all__ = ["OmopWriteSummary", "OmopWriter", "resolve_format"]
+__all__ = ["IdLimit", "OmopWriteSummary", "OmopWriter", "resolve_format"]
+
+
+@dataclass(frozen=True)
+class IdLimit:
+    """The largest id the narrowest id column of a kind (person or record ids) holds."""
+
+    limit: int
+    column: str
+    type: str
+
+    def check(self, largest: int, what: str, target: str) -> None:
+        """Raise :class:`SinkError` when ``largest`` does not fit the column."""
+        if largest > self.limit:
+            raise SinkError(
+                f"{what} would reach {largest:,}, above the {self.limit:,} that {self.column} "
+                f"({self.type}) of {target} holds; pass a smaller --id-offset (or generate "
+                "fewer patients), or write to a target whose id columns are bigint."
+            )
 
 
 @dataclass
@@ -78,12 +98,18 @@ class OmopWriter:
         fmt: ``duckdb``, ``parquet``, ``csv`` or ``postgresql``; inferred when ``None``
             (URL -> postgresql, ``.duckdb``/``.ddb``/``.db`` -> duckdb, else parquet).
         codes: the codes metadata of the run (``meds/metadata/codes.parquet``).
-        id_offset: base of the ids (see :mod:`ehrgpt.sinks.omop.convert`); for synthetic
-            patients use a range above the real maximum id, e.g. :data:`SYNTHETIC_ID_OFFSET`.
-        concept_table: an OMOP concept table, to map codes the metadata lacks and to copy
-            concept rows from.
-        write_concepts: add to the target's ``concept`` table the concepts a chunk uses that
-            it lacks (made from ``concept_table`` or from ``codes``).
+        id_offset: ``person_id = subject_id + id_offset``; for synthetic patients use a range
+            above the real ids that still fits the target's id columns (the official CDM 5.4
+            DDL declares them 32-bit ``integer``).
+        first_id: the first id of visits, events and observation periods (default
+            ``id_offset``, and never 0, which OHDSI tools read as "none"); the writer starts
+            above the largest id already in the target.
+        concept_table: the real OMOP concept rows of the source (a run's
+            ``meds/metadata/omop_concepts.parquet``), to map codes the metadata lacks and to
+            copy concept rows from.
+        write_concepts: when the target's ``concept`` table is empty, copy into it the rows of
+            ``concept_table`` for every concept of ``codes`` and of the chunks. Rows are never
+            made up, and a target that already holds a vocabulary gets none.
         add_keys: PostgreSQL only: add primary keys and the person / visit foreign keys at
             :meth:`close`.
 
@@ -100,6 +126,7 @@ class OmopWriter:
         fmt: str | None = None,
         codes: pl.DataFrame,
         id_offset: int,
+        first_id: int | None = None,
         concept_table: pl.DataFrame | None = None,
         type_concept_id: int = EHR_TYPE_CONCEPT,
         write_concepts: bool = True,
@@ -124,8 +151,52 @@ class OmopWriter:
             backend = FileBackend(Path(where), self.fmt)
         self._backend = backend
         self.target = backend.description
-        self.next_id = max(self.id_offset, backend.max_id() + 1)
         self._closed = False
+        try:
+            start = self.id_offset if first_id is None else int(first_id)
+            self.next_id = max(start, 1, backend.max_id() + 1)
+            self.vocabulary_in_target = backend.has_vocabulary()
+            self.limits = self._id_limits()
+        except BaseException:
+            backend.close()
+            self._closed = True
+            raise
+        # Concepts are copied only into a target without a vocabulary, and only real rows.
+        self._copy_concepts = (
+            write_concepts and concept_table is not None and not self.vocabulary_in_target
+        )
+
+    def _id_limits(self) -> dict[str, IdLimit]:
+        """The narrowest id column of each kind: ``person`` ids, ``record`` ids (the rest)."""
+        limits: dict[str, IdLimit] = {}
+        for (table, col), sql_type in self._backend.id_types().items():
+            kind = "person" if col == "person_id" else "record"
+            limit = integer_limit(sql_type)
+            if limit <= 0:
+                raise SinkError(
+                    f"The column {table}.{col} of {self.target} is {sql_type}, which cannot hold "
+                    "ids; give it an integer type, or write to a new schema, file or folder."
+                )
+            if kind not in limits or limit < limits[kind].limit:
+                limits[kind] = IdLimit(limit, f"{table}.{col}", sql_type)
+        return limits
+
+    def max_person_id(self) -> int:
+        """The largest person id in the target (-1 when it has none)."""
+        return self._backend.max_person_id()
+
+    def check_ids(self, last_person_id: int, last_record_id: int | None = None) -> None:
+        """Refuse person ids up to ``last_person_id`` (and record ids up to ``last_record_id``)
+        that the target's id columns cannot hold, before anything is written."""
+        if "person" in self.limits:
+            self.limits["person"].check(last_person_id, "Person ids", self.target)
+        if "record" in self.limits:
+            last = self.next_id if last_record_id is None else last_record_id
+            self.limits["record"].check(last, "Visit and event ids", self.target)
+
+    def person_ids(self, at_least: int) -> list[int]:
+        """The person ids in the target from ``at_least`` up."""
+        return self._backend.person_ids(at_least)
 
     def completed_subjects(self) -> set[int]:
         """Subjects (``person_id - id_offset``) already in the target at or above the offset."""
@@ -154,6 +225,7 @@ class OmopWriter:
         if self._closed:
             raise SinkError(f"The OMOP writer of {self.target} is already closed.")
         out = {name: conform(name, frame) for name, frame in tables.items()}
+        self._check_chunk_ids(out)
         if "person" in out and out["person"].height:
             ids = out["person"]["person_id"].to_list()
             if len(set(ids)) != len(ids):
@@ -162,16 +234,11 @@ class OmopWriter:
             if clash:
                 raise SinkError(
                     f"{len(clash)} person id(s) of this chunk (e.g. {min(clash)}) already exist "
-                    f"in {self.target}; pass an id_offset above the largest real person id "
-                    f"(e.g. {SYNTHETIC_ID_OFFSET}) and skip completed_subjects() when resuming."
+                    f"in {self.target}; pass an id_offset above the largest person id there "
+                    f"({self.max_person_id()}) and skip completed_subjects() when resuming."
                 )
-        if self.write_concepts:
-            used = concept_ids(out)
-            new = used - self._backend.existing_concepts(used)
-            if new:
-                rows = concept_rows(new, self.codes, self.concept_table)
-                if rows.height:
-                    out["concept"] = pl.concat([out["concept"], rows]) if "concept" in out else rows
+        if self._copy_concepts:
+            self._add_concepts(out)
         ids = [
             int(out[t][col].max())  # type: ignore[arg-type]
             for t, col in SEQUENCE_ID_COLUMNS.items()
@@ -184,6 +251,41 @@ class OmopWriter:
         counts = {name: frame.height for name, frame in out.items()}
         self.rows.update(counts)
         return counts
+
+    def _check_chunk_ids(self, out: Mapping[str, pl.DataFrame]) -> None:
+        """Refuse a chunk with an id of 0 or less, or one its target column cannot hold."""
+        for table, frame in out.items():
+            for col in ID_COLUMNS.get(table, ()):
+                if not frame.height or frame[col].null_count() == frame.height:
+                    continue
+                low, high = int(frame[col].min()), int(frame[col].max())  # type: ignore[arg-type]
+                if low < 1:
+                    raise SinkError(
+                        f"A chunk for {self.target} holds {table}.{col} = {low}; ids start at 1 "
+                        "(OHDSI tools read 0 as none): pass a positive id_offset."
+                    )
+                kind = "person" if col == "person_id" else "record"
+                if kind in self.limits:
+                    what = "Person ids" if kind == "person" else "Visit and event ids"
+                    self.limits[kind].check(high, what, self.target)
+
+    def _add_concepts(self, out: dict[str, pl.DataFrame]) -> None:
+        """Add to ``out`` the real concept rows the target lacks: on the first chunk, those of
+        every concept of the codes metadata too, so that a resumed session needs none."""
+        used = concept_ids(out)
+        if not self.chunks:
+            known = (
+                self.codes.get_column("omop_concept_id")
+                if "omop_concept_id" in (self.codes.columns)
+                else pl.Series([], dtype=pl.Int64)
+            )
+            used |= {int(i) for i in known.drop_nulls().to_list() if i}
+        new = used - self._backend.existing_concepts(used)
+        rows, n_incomplete = concept_rows(new, self.concept_table)
+        if n_incomplete:
+            self.notes["source concept rows lacking a NOT NULL column (not copied)"] += n_incomplete
+        if rows.height:
+            out["concept"] = pl.concat([out["concept"], rows]) if "concept" in out else rows
 
     def close(self) -> OmopWriteSummary:
         """Finish: add keys (PostgreSQL, when asked) and release the target."""

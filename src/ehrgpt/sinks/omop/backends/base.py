@@ -7,15 +7,16 @@ implements its id and person/concept queries for SQL databases on two primitives
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
 import polars as pl
 
 from ehrgpt.errors import SinkError
-from ehrgpt.sinks.omop.schema import CDM_TABLES, SEQUENCE_ID_COLUMNS
+from ehrgpt.sinks.omop.schema import CDM_TABLES, ID_COLUMNS, SEQUENCE_ID_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,26 @@ class Backend:
         """The largest id of the shared sequence in the target (-1 when it has none)."""
         raise NotImplementedError
 
+    def max_person_id(self) -> int:
+        """The largest person id in the target (-1 when it has none)."""
+        raise NotImplementedError
+
     def person_ids(self, at_least: int) -> list[int]:
         """The person ids in the target from ``at_least`` up."""
         raise NotImplementedError
+
+    def has_vocabulary(self) -> bool:
+        """Whether the target's ``concept`` table holds any row."""
+        raise NotImplementedError
+
+    def id_types(self) -> dict[tuple[str, str], str]:
+        """(table, column) -> SQL type of the id columns ehrgpt writes (ours: CDM_TABLES)."""
+        return {
+            (table, c.name): c.type
+            for table, cols in ID_COLUMNS.items()
+            for c in CDM_TABLES[table]
+            if c.name in cols
+        }
 
     def existing_persons(self, ids: list[int]) -> set[int]:
         """Those of ``ids`` that are person ids in the target."""
@@ -65,7 +83,28 @@ class Backend:
 
 
 class SqlBackend(Backend):
-    """A SQL database: the queries of :class:`Backend` from ``largest`` and ``existing``."""
+    """A SQL database: the queries of :class:`Backend` from ``largest`` and ``existing``.
+
+    Subclasses set ``description`` (what the target is, credentials masked) and
+    ``driver_error`` (the driver's base exception class), and may mask messages further in
+    :meth:`_mask`.
+    """
+
+    description: str = ""
+    driver_error: type[BaseException] = Exception
+
+    def _mask(self, message: str) -> str:
+        return message
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn a database error into one :class:`SinkError` sentence."""
+        try:
+            yield
+        except self.driver_error as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+            raise SinkError(self._mask(f"Cannot {doing} in {self.description}: {first}.")) from None
 
     def largest(self, table: str, col: str) -> int:
         """The largest value of ``table.col`` (-1 when the table is empty or lacks ``col``)."""
@@ -77,6 +116,12 @@ class SqlBackend(Backend):
 
     def max_id(self) -> int:
         return max(self.largest(t, col) for t, col in SEQUENCE_ID_COLUMNS.items())
+
+    def max_person_id(self) -> int:
+        return self.largest("person", "person_id")
+
+    def has_vocabulary(self) -> bool:
+        return self.largest("concept", "concept_id") >= 0
 
     def existing_persons(self, ids: list[int]) -> set[int]:
         return self.existing("person", "person_id", ids)

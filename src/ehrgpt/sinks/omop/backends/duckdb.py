@@ -9,7 +9,7 @@ import polars as pl
 
 from ehrgpt.errors import SinkError
 from ehrgpt.sinks.omop.backends.base import SqlBackend, ddl, fit_columns
-from ehrgpt.sinks.omop.schema import CDM_TABLES
+from ehrgpt.sinks.omop.schema import CDM_TABLES, ID_COLUMNS
 
 __all__ = ["DuckDbBackend"]
 
@@ -29,19 +29,37 @@ class DuckDbBackend(SqlBackend):
                 "process has it open."
             ) from None
         self.description = f"DuckDB {path}"
+        self.driver_error = duckdb.Error
+        try:
+            with self._errors("create the CDM tables"):
+                self._open()
+        except BaseException:
+            self.con.close()
+            raise
+
+    def _open(self) -> None:
         for table in CDM_TABLES:
             self.con.execute(ddl(table, table, "duckdb")).fetchall()
-        self.columns = {
-            table: [
-                str(r[0]).lower()
+        self.types: dict[str, dict[str, str]] = {
+            table: {
+                str(r[0]).lower(): str(r[1])
                 for r in self.con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE "
+                    "SELECT column_name, data_type FROM information_schema.columns WHERE "
                     "lower(table_name) = ? AND table_schema = current_schema() "
                     "ORDER BY ordinal_position",
                     [table],
                 ).fetchall()
-            ]
+            }
             for table in CDM_TABLES
+        }
+        self.columns = {table: list(types) for table, types in self.types.items()}
+
+    def id_types(self) -> dict[tuple[str, str], str]:
+        return {
+            (table, col): self.types[table][col]
+            for table, cols in ID_COLUMNS.items()
+            for col in cols
+            if col in self.types[table]
         }
 
     def largest(self, table: str, col: str) -> int:
@@ -70,22 +88,25 @@ class DuckDbBackend(SqlBackend):
         return [int(r[0]) for r in rows]
 
     def write_chunk(self, tables: Mapping[str, pl.DataFrame], next_id: int) -> None:
-        self.con.begin()
-        try:
-            for table, frame in tables.items():
-                if not frame.height:
-                    continue
-                part = fit_columns(frame, self.columns[table], table)
-                self.con.register("_chunk", part.to_arrow())
-                cols = ", ".join(part.columns)
-                self.con.execute(
-                    f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _chunk"
-                ).fetchall()
-                self.con.unregister("_chunk")
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
+        parts = {
+            table: fit_columns(frame, self.columns[table], table)
+            for table, frame in tables.items()
+            if frame.height
+        }
+        with self._errors("write a chunk (nothing of it was kept)"):
+            self.con.begin()
+            try:
+                for table, part in parts.items():
+                    self.con.register("_chunk", part.to_arrow())
+                    cols = ", ".join(part.columns)
+                    self.con.execute(
+                        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _chunk"
+                    ).fetchall()
+                    self.con.unregister("_chunk")
+                self.con.commit()
+            except BaseException:
+                self.con.rollback()
+                raise
 
     def close(self) -> None:
         self.con.close()

@@ -17,6 +17,7 @@ import polars as pl
 
 from ehrgpt.errors import SinkError
 from ehrgpt.sinks.omop.backends.base import Backend, write_cdm_csv
+from ehrgpt.util import atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ class FileBackend(Backend):
     def max_id(self) -> int:
         return int(self.state.get("next_id", -1)) - 1 if self.state["chunks"] else -1
 
+    def max_person_id(self) -> int:
+        return max(self.persons, default=-1)
+
+    def has_vocabulary(self) -> bool:
+        return bool(self.concepts)
+
     def person_ids(self, at_least: int) -> list[int]:
         return [p for p in self.persons if p >= at_least]
 
@@ -101,7 +108,7 @@ class FileBackend(Backend):
                 folder = self.folder / table
                 folder.mkdir(exist_ok=True)
                 final = folder / f"part-{n:03d}.{self.fmt}"
-                tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+                tmp = atomic.tmp_name(final)
                 if self.fmt == "parquet":
                     frame.write_parquet(tmp)
                 else:
@@ -114,9 +121,7 @@ class FileBackend(Backend):
         for tmp, final in staged:
             os.replace(tmp, final)
         state = {**self.state, "chunks": n + 1, "next_id": int(next_id)}
-        tmp_manifest = self.folder / f".{_MANIFEST}.tmp"
-        tmp_manifest.write_text(json.dumps(state, indent=1))
-        os.replace(tmp_manifest, self.folder / _MANIFEST)
+        atomic.write_json(self.folder / _MANIFEST, state)
         self.state = state
         if "person" in tables:
             self.persons.update(tables["person"]["person_id"].to_list())

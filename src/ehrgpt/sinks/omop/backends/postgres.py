@@ -16,7 +16,8 @@ import polars as pl
 
 from ehrgpt.errors import SinkError
 from ehrgpt.sinks.omop.backends.base import SqlBackend, ddl, fit_columns, write_cdm_csv
-from ehrgpt.sinks.omop.schema import CDM_TABLES, id_column
+from ehrgpt.sinks.omop.schema import CDM_TABLES, ID_COLUMNS, id_column
+from ehrgpt.util.urls import mask_secrets
 
 __all__ = ["PostgresBackend"]
 
@@ -25,15 +26,30 @@ class PostgresBackend(SqlBackend):
     """The CDM tables of a PostgreSQL schema (created if missing), one transaction a chunk."""
 
     def __init__(self, url: str) -> None:
+        import psycopg
         from psycopg import sql
 
         from ehrgpt.sources.postgres import connect, parse_postgres_url
 
         self.sql = sql
+        self._url = url
         self.target = parse_postgres_url(url)
         self.description = f"PostgreSQL {self.target.masked_url}"
+        self.driver_error = psycopg.Error
         self._stack = contextlib.ExitStack()
         self.conn = self._stack.enter_context(connect(self.target, autocommit=True))
+        try:
+            with self._errors("create the CDM tables"):
+                self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _mask(self, message: str) -> str:
+        return mask_secrets(message, self._url)
+
+    def _open(self) -> None:
+        sql = self.sql
         schema = self.target.schema
         self.schema = sql.Identifier(schema)
         with self.conn.transaction():
@@ -47,20 +63,32 @@ class PostgresBackend(SqlBackend):
                 stored.setdefault(str(name).lower(), str(name))
             self.names: dict[str, str] = {}
             self.columns: dict[str, list[str]] = {}
+            self.types: dict[str, dict[str, str]] = {}
             for table in CDM_TABLES:
                 name = stored.get(table, table)
                 self.names[table] = name
                 if table not in stored:
                     qualified = self._q(table).as_string(self.conn)
                     self.conn.execute(sql.SQL(ddl(table, qualified, "postgresql")))  # type: ignore[arg-type]
-                self.columns[table] = [
-                    str(r[0])
-                    for r in self.conn.execute(
-                        "SELECT column_name FROM information_schema.columns WHERE "
-                        "table_schema = %s AND table_name = %s ORDER BY ordinal_position",
-                        (schema, name),
-                    ).fetchall()
-                ]
+                described = self.conn.execute(
+                    "SELECT column_name, data_type, numeric_precision, numeric_scale "
+                    "FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                    "ORDER BY ordinal_position",
+                    (schema, name),
+                ).fetchall()
+                self.columns[table] = [str(r[0]) for r in described]
+                self.types[table] = {
+                    str(col).lower(): f"numeric({p},{sc or 0})" if typ == "numeric" and p else typ
+                    for col, typ, p, sc in described
+                }
+
+    def id_types(self) -> dict[tuple[str, str], str]:
+        return {
+            (table, col): self.types[table][col]
+            for table, cols in ID_COLUMNS.items()
+            for col in cols
+            if col in self.types[table]
+        }
 
     def _q(self, table: str) -> Any:
         return self.sql.Identifier(self.target.schema, self.names[table])
@@ -73,7 +101,8 @@ class PostgresBackend(SqlBackend):
         if not name:
             return -1
         q = self.sql.SQL("SELECT max({}) FROM {}").format(self.sql.Identifier(name), self._q(table))
-        value = self.conn.execute(q).fetchone()[0]
+        with self._errors(f"read {table}.{col}"):
+            value = self.conn.execute(q).fetchone()[0]
         return int(value) if value is not None else -1
 
     def existing(self, table: str, col: str, ids: Iterable[int]) -> set[int]:
@@ -84,19 +113,30 @@ class PostgresBackend(SqlBackend):
         q = self.sql.SQL("SELECT DISTINCT {c} FROM {t} WHERE {c} = ANY(%s)").format(
             c=self.sql.Identifier(name), t=self._q(table)
         )
-        return {int(r[0]) for r in self.conn.execute(q, (ids,)).fetchall()}
+        with self._errors(f"read {table}.{col}"):
+            return {int(r[0]) for r in self.conn.execute(q, (ids,)).fetchall()}
 
     def person_ids(self, at_least: int) -> list[int]:
-        q = self.sql.SQL("SELECT person_id FROM {} WHERE person_id >= %s").format(self._q("person"))
-        return [int(r[0]) for r in self.conn.execute(q, (at_least,)).fetchall()]
+        q = self.sql.SQL("SELECT {c} FROM {t} WHERE {c} >= %s").format(
+            c=self.sql.Identifier(self._col("person", "person_id") or "person_id"),
+            t=self._q("person"),
+        )
+        with self._errors("read person.person_id"):
+            return [int(r[0]) for r in self.conn.execute(q, (at_least,)).fetchall()]
 
     def write_chunk(self, tables: Mapping[str, pl.DataFrame], next_id: int) -> None:
         sql = self.sql
-        with self.conn.transaction(), self.conn.cursor() as cur:
-            for table, frame in tables.items():
-                if not frame.height:
-                    continue
-                part = fit_columns(frame, [c.lower() for c in self.columns[table]], table)
+        parts = {
+            table: fit_columns(frame, [c.lower() for c in self.columns[table]], table)
+            for table, frame in tables.items()
+            if frame.height
+        }
+        with (
+            self._errors("write a chunk (nothing of it was kept)"),
+            self.conn.transaction(),
+            self.conn.cursor() as cur,
+        ):
+            for table, part in parts.items():
                 cols = [self._col(table, c) or c for c in part.columns]
                 buf = io.BytesIO()
                 write_cdm_csv(part, buf)
