@@ -12,10 +12,19 @@ process, one after the other:
 
 Printed: generated tokens per second and patients per minute of each, their ratio (target:
 ehrgpt at least 3x), the share of ehrgpt's sequences that decode (target: at least 99.5%),
-the hardware line (fp32 matmul peak) and the FLOP rate reached. Then, with ``--memory``, peak
-RSS of ``ehrgpt generate`` runs of growing size (flat is the target: output streams to disk).
+the hardware line (fp32 matmul peak) and the FLOP rate reached. Then the cost of window shifts
+(``--shift-n`` patients, same model, same prompts, same process): the engine with a budget of
+the context less the prompt (no shift possible) against a budget of 4 contexts (patients that
+go on past the context are shifted: their recent visits re-prefilled behind a rebuilt prompt);
+tokens per second of each, shifts, re-prefilled tokens and the share of time spent in shifts.
+A random model rarely closes a visit; without ``--model`` this part gives the random model an
+output bias that closes visits often and never ends a record (so every patient runs the whole
+budget: the cost of shifts depends on sizes, not on what the weights learned). Then, with
+``--memory``, peak RSS of ``ehrgpt generate`` runs of growing size (flat is the target: output
+streams to disk).
 
     .venv/bin/python benchmarks/generate.py [--model MODEL_DIR] [--n 256] [--quick]
+    .venv/bin/python benchmarks/generate.py --model MODEL_DIR --shifts-only [--shift-n 128]
 """
 
 from __future__ import annotations
@@ -79,17 +88,69 @@ def _hf_generate(model, prompts: list[list[int]], batch: int, max_new: int, end:
     return new_tokens, seqs
 
 
+def _steered(model, tok):
+    """A copy of a random model whose output bias never ends a record (no ``[END]``, no death)
+    and closes visits often (``[VE]``, discharges), so its patients run past the context."""
+    import copy
+
+    model = copy.deepcopy(model)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[[tok.token_to_id["[END]"], tok.token_to_id["[DEATH]"]]] = -1e4
+        closing = [
+            i
+            for i, t in enumerate(tok.tokens)
+            if t == "[VE]" or (t.startswith("DISCHARGE/") and t != "DISCHARGE/4216643")  # death
+        ]
+        head.bias[closing] = 7.5
+    model.lm_head = head
+    return model
+
+
+def _shift_cost(model, tok, prompts: list[list[int]], batch: int) -> list[dict]:
+    """Tokens per second without window shifts (budget: the context less the prompt) and with
+    them (budget: 4 contexts), same model and prompts."""
+    from ehrgpt.generation.engine import Engine, SamplingConfig
+
+    context = model.config.max_position_embeddings
+    rows = []
+    for name, budget in (("no shifts", context - 4), ("with shifts", 4 * context)):
+        engine = Engine(model, tok, batch_size=batch)
+        cfg = SamplingConfig(max_tokens_per_patient=budget)
+        outs = list(engine.generate(prompts, cfg, seed=1))
+        st = engine.stats
+        rows.append(
+            {
+                "run": name,
+                "budget": budget,
+                "seconds": round(st.seconds, 2),
+                "new_tokens": st.new_tokens,
+                "tokens_per_s": round(st.tokens_per_second),
+                "tokens_per_patient": round(st.new_tokens / len(prompts)),
+                "past_context": sum(len(g.token_ids) > context for g in outs),
+                "shifts": st.shifts,
+                "reprefilled_tokens": st.shift_tokens,
+                "shift_time_share": round(st.shift_seconds / max(st.seconds, 1e-9), 4),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model folder (default: a tiny random model on Eunomia)")
     ap.add_argument("--n", type=int, default=256, help="patients per side")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="budget per patient")
+    ap.add_argument("--shift-n", type=int, default=128, help="patients per side ('0' = skip)")
     ap.add_argument("--memory", default="200,800", help="sizes for the memory runs ('' = skip)")
+    ap.add_argument("--shifts-only", action="store_true", help="only the window-shift part")
     ap.add_argument("--quick", action="store_true", help="n=64, max-new-tokens=96, no memory runs")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.max_new_tokens, args.memory = 64, 96, ""
+        args.n, args.max_new_tokens, args.memory, args.shift_n = 64, 96, "", 32
 
     from ehrgpt.generation.engine import Engine, SamplingConfig
     from ehrgpt.generation.prompts import load_demographics, population_prompts
@@ -105,6 +166,15 @@ def main() -> None:
     end = tok.token_to_id["[END]"]
     peak = measure_matmul_peak_gflops()
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if args.shifts_only:
+        shift_model = model if args.model else _steered(model, tok)
+        shifts = _shift_cost(shift_model, tok, prompts[: args.shift_n], args.batch)
+        print(f"hardware: {device}; model {model_dir}; {len(prompts[: args.shift_n])} patients")
+        print_table([list(r.values()) for r in shifts], list(shifts[0].keys()))
+        out = RESULTS.with_name("generate_shifts.json")
+        out.write_text(json.dumps({"device": device, "args": vars(args), "runs": shifts}, indent=1))
+        print(f"results: {out}")
+        return
 
     with torch.inference_mode():
         t = time.perf_counter()
@@ -112,7 +182,7 @@ def main() -> None:
         hf_s = time.perf_counter() - t
 
     engine = Engine(model, tok, batch_size=args.batch)
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    cfg = SamplingConfig(max_tokens_per_patient=args.max_new_tokens)
     t = time.perf_counter()
     ours = list(engine.generate(prompts, cfg, seed=0))
     our_s = time.perf_counter() - t
@@ -160,6 +230,13 @@ def main() -> None:
         f"(target 3x); ehrgpt valid patients {rows[1]['valid_share']:.1%} (target 99.5%)"
     )
 
+    shift_model = model if args.model else _steered(model, tok)
+    shifts = (
+        _shift_cost(shift_model, tok, prompts[: args.shift_n], args.batch) if args.shift_n else []
+    )
+    if shifts:
+        print_table([list(r.values()) for r in shifts], list(shifts[0].keys()))
+
     memory = []
     for n in [int(x) for x in args.memory.split(",") if x]:
         out = work / f"gen_{n}"
@@ -174,7 +251,7 @@ def main() -> None:
             str(n),
             "--out",
             str(out),
-            "--max-new-tokens",
+            "--max-tokens-per-patient",
             str(args.max_new_tokens),
             "--batch-size",
             str(args.batch),
@@ -197,6 +274,7 @@ def main() -> None:
                 "args": vars(args),
                 "sides": rows,
                 "speedup": speedup,
+                "window_shifts": shifts,
                 "patients_speedup": patients_speedup,
                 "memory": memory,
             },

@@ -55,7 +55,7 @@ def synthetic_run(eunomia_run: Path, tmp_path_factory: pytest.TempPathFactory) -
         60,
         out,
         fmt="omop-duckdb",
-        sampling=SamplingConfig(max_new_tokens=120),
+        sampling=SamplingConfig(max_tokens_per_patient=120),
         seed=0,
         batch_size=30,
         progress=False,

@@ -42,7 +42,7 @@ def test_synthetic_meds_and_omop_look_like_the_real_ones(
         12,
         out,
         fmt="omop-duckdb",
-        sampling=SamplingConfig(max_new_tokens=150),
+        sampling=SamplingConfig(max_tokens_per_patient=150),
         prompts_from=eunomia_run,
         batch_size=12,
         chunk_size=6,
@@ -104,7 +104,8 @@ def test_generate_into_a_cdm54_postgres_schema(
 
     def run(out: str, *extra: str):
         args = ["generate", "--model", str(model_dir), "--n", "8", "--out", str(tmp_path / out)]
-        args += ["--format", url, "--prompts-from", str(eunomia_run), "--max-new-tokens", "100"]
+        args += ["--format", url, "--prompts-from", str(eunomia_run)]
+        args += ["--max-tokens-per-patient", "100"]
         return CliRunner().invoke(main, [*args, "--no-progress", *extra])
 
     ok = run("ok")

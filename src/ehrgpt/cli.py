@@ -231,11 +231,14 @@ def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option(
+    "--max-tokens-per-patient",
     "--max-new-tokens",
+    "max_tokens_per_patient",
     type=int,
-    default=1024,
-    show_default=True,
-    help="Token budget per patient (the grammar ends every patient within it).",
+    default=None,
+    help="Token budget per patient over all context windows (the grammar ends every patient "
+    "within it); default: one more than the training data's longest record, else 4 contexts. "
+    "--max-new-tokens is an alias.",
 )
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option(
@@ -275,7 +278,7 @@ def generate_cmd(
     temperature: float,
     top_k: int,
     top_p: float,
-    max_new_tokens: int,
+    max_tokens_per_patient: int | None,
     batch_size: int,
     chunk_size: int,
     seed: int,
@@ -294,7 +297,7 @@ def generate_cmd(
     from ehrgpt.pipelines.generate import generate
 
     sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens,
+        max_tokens_per_patient=max_tokens_per_patient,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

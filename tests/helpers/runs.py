@@ -26,7 +26,7 @@ from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.sources.omop import eunomia_path
 
 #: Synthea27Nj OMOP CDM 5.4 CSV export, kept in the repository (licence: tests/data/README.md).
-SYNTHEA_ZIP = Path(__file__).resolve().parent / "data" / "synthea27nj_omop54_csv.zip"
+SYNTHEA_ZIP = Path(__file__).resolve().parents[1] / "data" / "synthea27nj_omop54_csv.zip"
 
 #: The OMOP tables ehrgpt reads (as Eunomia names them).
 OMOP_TABLES = (

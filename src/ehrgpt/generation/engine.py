@@ -18,6 +18,13 @@ patient's history (the conditional continuation zero-shot prediction uses; see
 :func:`history_prompt`). With the grammar on, a prompt the grammar refuses (a token out of
 place, an id outside the vocabulary) is not run: it comes back at once as a
 :class:`Generated` with ``finish="refused"`` and the reason, and the batch goes on.
+
+A patient is not limited to the model's context: when a slot's sequence fills the context, the
+slot keeps its most recent whole visits behind a demographic prompt rebuilt for the first kept
+visit (:mod:`ehrgpt.generation.window`), runs that window through the model again, and goes on
+("window shift"); a history longer than the context starts from such a window. The budget is
+per patient (``max_tokens_per_patient``, across windows), and what is yielded is the whole
+timeline: the original prompt and every token generated (docs/method.md section 8).
 """
 
 from __future__ import annotations
@@ -29,25 +36,36 @@ from dataclasses import dataclass
 
 import torch
 
-from ehrgpt.generation.grammar import GrammarError, GrammarState, TimelineGrammar
+from ehrgpt.errors import EhrgptError
+from ehrgpt.generation.grammar import GrammarError, GrammarState, S, TimelineGrammar
+from ehrgpt.generation.window import WINDOW_KEEP, Windower
 from ehrgpt.model import EhrGptForCausalLM
 from ehrgpt.tokenizer.decode import MAX_VISIT_DAYS
-from ehrgpt.tokenizer.vocab import END, PAD, EhrTokenizer
+from ehrgpt.tokenizer.vocab import END, PAD, VE, EhrTokenizer
+from ehrgpt.training.data import PROMPT_LEN
+
+#: Budget per patient when none is given: this many contexts.
+DEFAULT_BUDGET_CONTEXTS = 4
 
 
 @dataclass
 class SamplingConfig:
     """How tokens are drawn (the documented reference run: temperature 1, top-p 1)."""
 
-    max_new_tokens: int = 1024
+    #: New tokens per patient over all windows (``[END]`` included); None: 4 contexts.
+    max_tokens_per_patient: int | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     grammar: bool = True
+    #: Share of the context a window shift keeps (see :mod:`ehrgpt.generation.window`).
+    window_keep: float = WINDOW_KEEP
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        if self.max_tokens_per_patient is not None and self.max_tokens_per_patient < 1:
+            raise ValueError("max_tokens_per_patient must be at least 1")
+        if not 0 < self.window_keep < 1:
+            raise ValueError("window_keep must be in (0, 1)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
@@ -58,15 +76,21 @@ class SamplingConfig:
 
 @dataclass
 class Generated:
-    """One finished sequence: which prompt, all its tokens (prompt first), why it stopped."""
+    """One finished sequence: which prompt, all its tokens (prompt first), why it stopped.
+
+    ``finish``: ``"end"`` (``[END]`` sampled), ``"death"`` (``[END]`` after the death visit),
+    ``"budget"`` (the total budget ran out, or ``[END]`` came while it was steering to an end),
+    ``"context"`` (the current visit alone outgrew the context; the timeline is cut after its
+    last whole visit) or ``"refused"`` (the grammar refused the prompt; nothing was generated
+    and ``reason`` says why). ``shifts``: window shifts this patient took.
+    """
 
     index: int
     token_ids: list[int]
     n_prompt: int
-    #: "end" ([END] sampled), "budget" (max_new_tokens reached) or "refused" (the grammar
-    #: refused the prompt; nothing was generated and ``reason`` says why).
     finish: str
-    reason: str = ""
+    reason: str = ""  # why the grammar refused the prompt (finish "refused")
+    shifts: int = 0
 
 
 @dataclass
@@ -79,6 +103,10 @@ class EngineStats:
     prompt_tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
+    shifts: int = 0  # window shifts (re-prefills of a rebuilt window)
+    shift_tokens: int = 0  # tokens run through the model again by those shifts
+    shift_seconds: float = 0.0
+    shifted_sequences: int = 0  # sequences with at least one shift
 
     @property
     def tokens_per_second(self) -> float:
@@ -177,7 +205,10 @@ class Engine:
         *,
         batch_size: int = 64,
         device: torch.device | str | None = None,
+        context: int | None = None,
     ) -> None:
+        """``context``: tokens a slot holds before a window shift (default: the model's
+        ``max_position_embeddings``; smaller values force shifts, for tests and benchmarks)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tok = tok
@@ -185,6 +216,9 @@ class Engine:
         self.grammar = TimelineGrammar(tok, device=self.device)
         self.end_id, self.pad_id = tok.token_to_id[END], tok.token_to_id[PAD]
         self.stats = EngineStats()
+        self.context = context or getattr(model.config, "max_position_embeddings", None)
+        self.windower = Windower(tok)
+        self.ve_id = tok.token_to_id[VE]
 
     @torch.inference_mode()
     def generate(
@@ -207,14 +241,11 @@ class Engine:
             return
         started = time.perf_counter()
         c = self.model.config
-        max_prompt = max(len(p) for p in prompts)
-        max_len = max_prompt + cfg.max_new_tokens
-        limit = getattr(c, "max_position_embeddings", None)
-        if limit and max_len > limit:
-            raise ValueError(
-                f"prompt ({max_prompt}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
-                f"model's context of {limit} tokens"
-            )
+        budget = cfg.max_tokens_per_patient or DEFAULT_BUDGET_CONTEXTS * (self.context or 1024)
+        max_len = max(len(p) for p in prompts) + budget
+        if self.context:
+            max_len = min(max_len, self.context)
+        keep = max(int(max_len * cfg.window_keep), PROMPT_LEN + 2)
         slots = min(self.batch_size, len(prompts))
         dtype = next(self.model.parameters()).dtype
         cache = SlotCache(
@@ -244,13 +275,23 @@ class Engine:
         budgets = list(day_budgets) if day_budgets is not None else None
         finished = 0
         all_rows = torch.arange(slots, device=dev)
+        cached = [0] * slots  # host copy of pos
+        shifts = [0] * slots  # window shifts per slot
+        since = [(PROMPT_LEN, 0)] * slots  # (position, day count) of the current window start
+
+        def finish(r: int, reason: str, ids: list[int]) -> Generated:
+            nonlocal finished
+            out = Generated(index[r], ids, n_prompt[r], reason, shifts=shifts[r])
+            self.stats.shifted_sequences += shifts[r] > 0
+            index[r] = -1
+            finished += 1
+            return out
 
         def sample(rows: torch.Tensor, logits: torch.Tensor) -> list[Generated]:
-            nonlocal finished
             state = GrammarState(gstate[rows], glen[rows])
             logits = logits.float()
+            remaining = budget - new[rows]
             if cfg.grammar:
-                remaining = cfg.max_new_tokens - new[rows]
                 logits = g.mask_logits(logits, state, remaining)
                 logits = self._within_time(logits, state, days_left[rows], visit_left[rows])
             if cfg.temperature == 0:
@@ -268,17 +309,42 @@ class Engine:
             last[rows] = choice
             self.stats.new_tokens += len(rows)
             done: list[Generated] = []
-            for r, t in zip(rows.tolist(), choice.tolist(), strict=True):
-                if t == self.end_id or int(new[r]) >= cfg.max_new_tokens:
-                    finish = "end" if t == self.end_id else "budget"
-                    if t != self.end_id:
-                        tokens[r].append(t)
-                    done.append(Generated(index[r], tokens[r], n_prompt[r], finish))
-                    index[r] = -1
-                    finished += 1
+            chosen = choice.tolist()
+            if self.end_id in chosen:  # how each ending sequence ended (one host copy)
+                ended = self._ending(state, remaining, cfg.grammar)
+            for k, (r, t) in enumerate(zip(rows.tolist(), chosen, strict=True)):
+                if t == self.end_id:
+                    done.append(finish(r, ended[k], tokens[r]))
+                elif int(new[r]) >= budget:
+                    tokens[r].append(t)
+                    done.append(finish(r, "budget", tokens[r]))
                 else:
                     tokens[r].append(t)
             return done
+
+        def shift(full: list[int]) -> Iterator[Generated]:
+            """Window shifts of the slots whose sequence filled the cache."""
+            t0 = time.perf_counter()
+            take, windows = [], []
+            for r in full:
+                w = self.windower.window(tokens[r], keep=keep, limit=max_len - 1, since=since[r])
+                if w is None:  # the current visit alone is longer than the context
+                    yield finish(r, "context", self._cut_to_visit(tokens[r], n_prompt[r]))
+                    continue
+                windows.append(w[0])
+                since[r] = (w[1], w[2])
+                shifts[r] += 1
+                take.append(r)
+            if take:
+                rows = torch.tensor(take, device=dev)
+                logits, _ = self._prefill(cache, rows, windows)
+                pos[rows] = torch.tensor([len(w) for w in windows], device=dev)
+                for r, w in zip(take, windows, strict=True):
+                    cached[r] = len(w)
+                self.stats.shifts += len(take)
+                self.stats.shift_tokens += sum(len(w) for w in windows)
+                yield from sample(rows, logits)
+            self.stats.shift_seconds += time.perf_counter() - t0
 
         while queue or any(i >= 0 for i in index):
             # Prefill: free slots take the next prompts.
@@ -293,11 +359,16 @@ class Engine:
                 if not batch:
                     continue
                 take = free[: len(batch)]
+                fed = []
                 for s, (i, p) in zip(take, batch, strict=True):
                     index[s], tokens[s], n_prompt[s] = i, list(p), len(p)
+                    shifts[s], since[s] = 0, (PROMPT_LEN, 0)
+                    fed.append(self._fit_prompt(s, i, p, keep, max_len, since))
+                    cached[s] = len(fed[-1])
+                batch = list(zip([i for i, _ in batch], fed, strict=True))
                 rows = torch.tensor(take, device=dev)
-                logits, _ = self._prefill(cache, rows, [p for _, p in batch])
-                if cfg.grammar:
+                logits, _ = self._prefill(cache, rows, fed)
+                if cfg.grammar:  # states of the whole prompts (a window's state is the same)
                     gstate[rows], glen[rows] = st.state, st.length
                     days = [_NO_LIMIT if budgets is None else budgets[i] for i, _ in batch]
                     days_left[rows] = torch.tensor(days, device=dev)
@@ -307,6 +378,10 @@ class Engine:
                 new[rows] = 0
                 self.stats.prompt_tokens += int(lens.sum())
                 yield from sample(rows, logits)
+            # Window shifts: slots whose sequence filled the cache continue from a rebuilt window.
+            full = [s for s in range(slots) if index[s] >= 0 and cached[s] >= max_len]
+            if full:
+                yield from shift(full)
             active = [s for s in range(slots) if index[s] >= 0]
             if not active:
                 continue
@@ -319,12 +394,50 @@ class Engine:
             mask = (torch.arange(span, device=dev)[None, :] <= p[:, None])[:, None, None, :]
             logits = self._logits(last[:, None], p[:, None], mask, cache)[:, -1]
             pos[rows] += 1
+            for s in active:
+                cached[s] += 1
             self.stats.steps += 1
             yield from sample(rows, logits[rows] if len(active) < slots else logits)
             if on_step is not None:
                 on_step(finished)
         self.stats.sequences += len(prompts)
         self.stats.seconds += time.perf_counter() - started
+
+    def _ending(self, state: GrammarState, remaining: torch.Tensor, grammar: bool) -> list[str]:
+        """How each row ends if it draws ``[END]`` now: death, budget or end."""
+        dead = (state.state == int(S.DEAD)).tolist()
+        steered = (remaining <= self.grammar.max_need).tolist() if grammar else [False] * len(dead)
+        return [
+            "death" if d else "budget" if b else "end" for d, b in zip(dead, steered, strict=True)
+        ]
+
+    def _fit_prompt(
+        self,
+        slot: int,
+        index: int,
+        prompt: Sequence[int],
+        keep: int,
+        max_len: int,
+        since: list[tuple[int, int]],
+    ) -> Sequence[int]:
+        """The prompt, or its window when it is longer than the cache (a long history)."""
+        if len(prompt) < max_len:
+            return prompt
+        w = self.windower.window(list(prompt), keep=keep, limit=max_len - 1)
+        if w is None:
+            raise EhrgptError(
+                f"prompt {index}: its last visit alone is longer than the context of "
+                f"{max_len} tokens; give a shorter history."
+            )
+        since[slot] = (w[1], w[2])
+        return w[0]
+
+    def _cut_to_visit(self, ids: list[int], n_prompt: int) -> list[int]:
+        """``ids`` up to and including the last ``[VE]`` (or all of it if there is none)."""
+        for k in range(len(ids) - 1, PROMPT_LEN - 1, -1):
+            if ids[k] == self.ve_id:
+                return ids[: k + 1]
+        return ids
 
     def _within_time(
         self,

@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Tokens a demo patient may have: the tiny model's context less the 4 prompt tokens.
-DEMO_MAX_NEW_TOKENS = 508
-
 
 @dataclass
 class DemoResult:
@@ -80,7 +77,8 @@ def demo(
         patients,
         out / "synthetic",
         fmt="omop-duckdb",
-        sampling=SamplingConfig(max_new_tokens=DEMO_MAX_NEW_TOKENS),
+        # Default budget: the longest training record; windows carry patients past the context.
+        sampling=SamplingConfig(),
         seed=seed,
         overwrite=True,
         progress=progress,

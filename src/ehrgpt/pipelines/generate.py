@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from ehrgpt.errors import EhrgptError, OutputExistsError, SinkError
-from ehrgpt.generation.engine import Engine, SamplingConfig
+from ehrgpt.generation.engine import DEFAULT_BUDGET_CONTEXTS, Engine, SamplingConfig
 from ehrgpt.generation.prompts import (
     load_demographics,
     parse_age,
@@ -91,6 +91,11 @@ class GenerateResult:
     seconds: float = 0.0
     omop: str | None = None
     id_offset: int = 0
+    #: How generated patients ended (before decoding): end, death, budget, context.
+    endings: dict[str, int] = field(default_factory=dict)
+    shifts: int = 0  # window shifts, all patients
+    shifted_patients: int = 0  # patients with at least one window shift
+    max_tokens_per_patient: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,6 +112,9 @@ class GenerateResult:
             ("patients asked for", f"{self.requested:,}"),
             ("patients written", f"{self.written:,}"),
             ("rejected (by reason)", rejected),
+            ("ended by", self.ending_text()),
+            ("window shifts", f"{self.shifts:,} (in {self.shifted_patients:,} patients)"),
+            ("budget per patient", f"{self.max_tokens_per_patient:,} tokens"),
             ("generated tokens", f"{self.new_tokens:,}"),
             ("tokens per second", f"{self.tokens_per_second:,.0f}"),
             ("patients per minute", f"{self.patients_per_minute:,.0f}"),
@@ -115,6 +123,24 @@ class GenerateResult:
         if self.omop:
             rows.append(("OMOP CDM", self.omop))
         return rows
+
+    def ending_text(self) -> str:
+        """``[END] 180, death 2, total budget 18`` (patients, before decoding)."""
+        names = {"end": "[END]", "death": "death", "budget": "total budget", "context": "context"}
+        parts = [f"{names.get(k, k)} {self.endings[k]:,}" for k in names if self.endings.get(k)]
+        return ", ".join(parts) or "0"
+
+
+def default_budget(data_dir: Path | None, context: int | None) -> int:
+    """Tokens per patient when ``--max-tokens-per-patient`` is not given: one more than the
+    longest record of the training split when the data is known (so no real-sized patient is
+    cut), else 4 contexts."""
+    files = sorted((Path(data_dir) / "tokenized" / "train").glob("*.parquet")) if data_dir else []
+    if files:
+        longest = pl.scan_parquet(files).select(pl.col("n_tokens").max()).collect().item()
+        if longest:
+            return int(longest) + 1
+    return DEFAULT_BUDGET_CONTEXTS * (context or 1024)
 
 
 def load_model(model_dir: Path):
@@ -243,15 +269,9 @@ def _generate(
     id_offset = plan.id_offset
     model, tok = load_model(model_dir)
     context = model.config.max_position_embeddings
-    if sampling.max_new_tokens > context - 4:
-        log.warning(
-            "--max-new-tokens %d does not fit the model's context of %d tokens after a "
-            "4-token prompt; using %d.",
-            sampling.max_new_tokens,
-            context,
-            context - 4,
-        )
-        sampling = replace(sampling, max_new_tokens=context - 4)
+    if sampling.max_tokens_per_patient is None:
+        budget = default_budget(data_dir, context)
+        sampling = replace(sampling, max_tokens_per_patient=budget)
     table = load_demographics(model_dir, data_dir, tok)
     if year is None and age is None and gender is None:
         prompts = population_prompts(table, n, tok, seed)
@@ -265,6 +285,8 @@ def _generate(
     mine = [i for i in range(rank, n, world) if i not in done]
     engine = Engine(model, tok, batch_size=batch_size, device=info.device)
     rejected: Counter = Counter()
+    endings: Counter = Counter()
+    shifted = 0
     chunks = [mine[k : k + chunk_size] for k in range(0, len(mine), chunk_size)]
     for chunk in track(
         chunks,
@@ -286,6 +308,8 @@ def _generate(
             if res.finish == "refused":
                 rejected["prompt refused by the grammar"] += 1
                 continue
+            endings[res.finish] += 1
+            shifted += res.shifts > 0
             rng = np.random.default_rng([seed, i])
             try:
                 timeline = decode_ids(res.token_ids, tok, rng=rng)
@@ -301,11 +325,23 @@ def _generate(
             writer.write(with_omop_tables(pl.concat(frames), codes))
         writer.flush()
     writer.close()
-    atomic.write_json(
-        part / "stats.json", {"rejected": dict(rejected), "new_tokens": engine.stats.new_tokens}
-    )
+    stats = {
+        "rejected": dict(rejected),
+        "new_tokens": engine.stats.new_tokens,
+        "endings": dict(endings),
+        "shifts": engine.stats.shifts,
+        "shifted_patients": shifted,
+    }
+    atomic.write_json(part / "stats.json", stats)
     dist.barrier(info)
-    result = GenerateResult(out, n, 0, new_tokens=engine.stats.new_tokens, id_offset=id_offset)
+    result = GenerateResult(
+        out,
+        n,
+        0,
+        new_tokens=engine.stats.new_tokens,
+        id_offset=id_offset,
+        max_tokens_per_patient=sampling.max_tokens_per_patient,
+    )
     if rank == 0:
         concepts = _omop_concepts(model_dir, data_dir)
         result = _finish(out, world, codes, concepts, fmt, plan, result, progress)
@@ -452,7 +488,8 @@ def _finish(
     shutil.rmtree(final, ignore_errors=True)
     writer = MedsWriter(final, codes=codes, dataset_name="ehrgpt-synthetic")
     rejected: Counter = Counter()
-    new_tokens = 0
+    endings: Counter = Counter()
+    new_tokens = shifts = shifted = 0
     parts = [out / PARTS / f"rank-{r}" for r in range(world)]
     shards = [s for p in parts for s in sorted((p / "data").rglob("*.parquet"))]
     next_visit = plan.visit_id_start
@@ -464,8 +501,13 @@ def _finish(
         stats = json.loads((p / "stats.json").read_text())
         rejected.update(stats["rejected"])
         new_tokens += stats["new_tokens"]
+        endings.update(stats.get("endings", {}))
+        shifts += stats.get("shifts", 0)
+        shifted += stats.get("shifted_patients", 0)
     result.written = summary.n_subjects
     result.rejected = dict(rejected)
+    result.endings = dict(endings)
+    result.shifts, result.shifted_patients = shifts, shifted
     result.new_tokens = max(result.new_tokens, new_tokens)
     target = _omop_target(fmt, out)
     if target is not None:
