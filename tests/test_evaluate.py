@@ -29,7 +29,7 @@ OFFSET = 10**12
 
 @pytest.fixture(scope="session")
 def synthetic_run(eunomia_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """60 patients of a small freshly initialised model, as MEDS and an OMOP DuckDB file."""
+    """40 patients of a small freshly initialised model, as MEDS and an OMOP DuckDB file."""
     model_dir = tmp_path_factory.mktemp("eval_model")
     tok = EhrTokenizer.from_pretrained(eunomia_run / "tokenizer")
     torch.manual_seed(0)
@@ -52,12 +52,12 @@ def synthetic_run(eunomia_run: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("eval_synthetic") / "synthetic"
     generate(
         model_dir,
-        60,
+        40,
         out,
         fmt="omop-duckdb",
-        sampling=SamplingConfig(max_tokens_per_patient=120),
+        sampling=SamplingConfig(max_tokens_per_patient=80),
         seed=0,
-        batch_size=30,
+        batch_size=40,
         progress=False,
     )
     return out
@@ -97,7 +97,7 @@ def test_cli_report_and_metrics(eunomia_run: Path, synthetic_run: Path, tmp_path
         assert f"({key})" in result.output
     metrics = read_json(out / "metrics.json")
     assert set(HEADLINES) <= set(metrics)
-    assert metrics["patients"]["synthetic"] == 60
+    assert metrics["patients"]["synthetic"] == 40
     assert -1 <= metrics["prevalence_pearson"] <= 1
     assert 0 <= metrics["discriminator_auroc"] <= 1
     assert 0.5 < metrics["trtr_auroc"] <= 1  # the count baseline learns GI bleed on real data
@@ -124,7 +124,7 @@ def test_omop_input_gives_the_same_patients(synthetic_run: Path, tmp_path: Path)
     from_meds = Cohort.from_shards(
         "meds", sorted((synthetic_run / "meds" / "data").rglob("*.parquet"))
     )
-    assert from_omop.n == from_meds.n == 60
+    assert from_omop.n == from_meds.n == 40
     # MEDS_DEATH aside (the OMOP death table may hold a death that generated MEDS carries as a
     # discharge to "Patient died"), the codes are the same.
     codes = [
