@@ -6,8 +6,8 @@
 # Works on a clean clone: creates .venv if missing and installs the package with its dev
 # extras. The PostgreSQL tests start their own throwaway server (tests/postgres_server.py), so
 # only the PostgreSQL binaries are needed; when they are missing and we run as root, the Debian
-# package `postgresql` is installed. Exits non-zero if anything fails, including when pytest
-# collects no tests.
+# package `postgresql` is installed (and `chromium`, for the test of the evaluation report).
+# Exits non-zero if anything fails, including when pytest collects no tests.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,6 +35,12 @@ have_postgres() {
 if ! have_postgres; then
     echo "test.sh: PostgreSQL binaries not found; installing the Debian package postgresql" >&2
     apt_install postgresql
+fi
+
+# The report test of `ehrgpt evaluate` opens report.html in real headless Chromium.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    echo "test.sh: chromium not found; installing the Debian package chromium" >&2
+    apt_install chromium
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

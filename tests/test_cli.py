@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "probe",
     "baseline",
     "finetune",
+    "evaluate",
 )
 
 

@@ -561,5 +561,43 @@ def finetune_cmd(
     _show("finetune (held_out)", result)
 
 
+@main.command("evaluate")
+@config_option
+@click.option(
+    "--real",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prepared run (RUN/meds with train and held_out splits) or a MEDS folder.",
+)
+@click.option(
+    "--synthetic",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="ehrgpt generate output, a MEDS folder, or an OMOP CDM (DuckDB file or table folder).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write report.html and metrics.json into.",
+)
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    default=("gi_bleed",),
+    show_default=True,
+    help="Utility task: a built-in name or OUTCOME@EXPOSURE[,EXPOSURE...][:DAYS]; repeatable.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace --out (only on success).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def evaluate_cmd(no_progress: bool, tasks: tuple[str, ...], **kwargs) -> None:
+    """Fidelity, utility and privacy of synthetic patients: OUT/report.html, OUT/metrics.json."""
+    from ehrgpt.pipelines.evaluate import evaluate
+
+    _show("evaluate", evaluate(tasks=tasks, progress=not no_progress, **kwargs))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -10,4 +10,5 @@ the CLI renders as the summary table.
 - :mod:`.probe`, :mod:`.baseline`, :mod:`.finetune`: held_out metrics of a linear probe, the
   count baseline and a fine-tuned model (``ehrgpt probe | baseline | finetune``), sharing
   :mod:`.predict_common`; :mod:`.output` builds a command's folder atomically.
+- :mod:`.evaluate`: fidelity, utility and privacy of synthetic patients (``ehrgpt evaluate``).
 """
