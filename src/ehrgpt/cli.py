@@ -182,10 +182,10 @@ def prepare_cmd(no_progress: bool, **kwargs) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool) -> None:
-    """The whole chain on the bundled Eunomia data: prepare, train, generate.
+    """The whole chain on the bundled Eunomia data: prepare, train, generate, evaluate.
 
     RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/synthetic
-    (synthetic patients as MEDS and as an OMOP CDM DuckDB file).
+    (synthetic patients as MEDS and as an OMOP CDM DuckDB file), RUN/evaluation (report.html).
     """
     from ehrgpt.pipelines.demo import demo
 

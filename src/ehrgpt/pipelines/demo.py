@@ -1,8 +1,10 @@
 """``ehrgpt demo``: the whole chain on the bundled Eunomia data.
 
 RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/synthetic (synthetic
-patients as MEDS and as an OMOP CDM DuckDB file). Each stage's summary is handed to ``show``
-as it finishes; the result's ``rows()`` hold the headline figure of every stage.
+patients as MEDS and as an OMOP CDM DuckDB file), RUN/evaluation (report.html and
+metrics.json: fidelity, utility and privacy of the synthetic patients). Each stage's summary is
+handed to ``show`` as it finishes; the result's ``rows()`` hold the headline figure of every
+stage.
 """
 
 from __future__ import annotations
@@ -40,20 +42,21 @@ def demo(
     ``stage(title)`` is called before each stage and ``show(title, result)`` after it.
     """
     from ehrgpt.generation.engine import SamplingConfig
+    from ehrgpt.pipelines.evaluate import evaluate
     from ehrgpt.pipelines.generate import generate
     from ehrgpt.pipelines.prepare import prepare
     from ehrgpt.pipelines.train import train
 
     out = Path(out)
     result = DemoResult(out)
-    stage("ehrgpt demo 1/3: prepare Eunomia GiBleed (2,694 patients)")
+    stage("ehrgpt demo 1/4: prepare Eunomia GiBleed (2,694 patients)")
     prepared = prepare("eunomia", out / "prepared", seed=seed, overwrite=True, progress=progress)
     show("prepare", prepared)
     result.headlines.append(
         ("prepare", f"{prepared.n_subjects:,} patients, {prepared.n_tokens:,} tokens")
     )
 
-    stage(f"ehrgpt demo 2/3: pretrain the tiny model ({steps} steps)")
+    stage(f"ehrgpt demo 2/4: pretrain the tiny model ({steps} steps)")
     trained = train(
         out / "prepared",
         out / "model",
@@ -71,7 +74,7 @@ def demo(
         )
     )
 
-    stage(f"ehrgpt demo 3/3: generate {patients} synthetic patients (MEDS + OMOP)")
+    stage(f"ehrgpt demo 3/4: generate {patients} synthetic patients (MEDS + OMOP)")
     generated = generate(
         out / "model",
         patients,
@@ -87,4 +90,32 @@ def demo(
     result.headlines.append(
         ("generate: patients written", f"{generated.written:,} of {generated.requested:,}")
     )
+
+    stage("ehrgpt demo 4/4: evaluate the synthetic patients (fidelity, utility, privacy)")
+    evaluated = evaluate(
+        out / "prepared",
+        out / "synthetic",
+        out / "evaluation",
+        seed=seed,
+        overwrite=True,
+        progress=progress,
+    )
+    show("evaluate", evaluated)
+    m = evaluated.metrics
+    result.headlines += [
+        ("evaluate: prevalence r", _fmt(m.get("prevalence_pearson"))),
+        ("evaluate: real-vs-synthetic AUROC", _fmt(m.get("discriminator_auroc"))),
+        ("evaluate: membership inference AUC", _fmt(m.get("mia_auc"))),
+        ("evaluate: exact copies", _fmt(m.get("exact_copy_rate"))),
+        ("report", str(out / "evaluation" / "report.html")),
+    ]
     return result
+
+
+def _fmt(value: float | None) -> str:
+    """A metric with 3 decimals, or n/a.
+
+    >>> _fmt(0.93041), _fmt(None)
+    ('0.930', 'n/a')
+    """
+    return "n/a" if value is None or value != value else f"{value:.3f}"
