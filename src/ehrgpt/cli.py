@@ -84,10 +84,12 @@ def render_summary(title: str, result) -> Table:
 
 
 def _show(title: str, result) -> None:
-    """Print a command's summary (rank 0 only under torchrun)."""
+    """Print a command's data-quality report if it has one, then its summary (rank 0 only
+    under torchrun)."""
     if rank() == 0:
-        if title == "prepare":
-            result.quality.render(console)
+        quality = getattr(result, "quality", None)
+        if quality is not None:
+            quality.render(console)
         console.print(render_summary(title, result))
 
 
