@@ -60,6 +60,7 @@ from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.training import distributed as dist
 from ehrgpt.util import atomic
 from ehrgpt.util.progress import track
+from ehrgpt.util.urls import mask_url
 
 log = logging.getLogger(__name__)
 FORMATS = ("meds", "omop-duckdb", "omop-parquet", "omop-csv")
@@ -518,14 +519,8 @@ def _finish(
                 f"{exc} The synthetic MEDS is kept in {final}; run again with --resume to "
                 "retry the OMOP output."
             ) from None
-        result.omop = target[0] if target[1] != "postgresql" else _masked(target[0])
+        result.omop = target[0] if target[1] != "postgresql" else mask_url(target[0])
     return result
-
-
-def _masked(url: str) -> str:
-    from ehrgpt.util.urls import mask_url
-
-    return mask_url(url)
 
 
 def _write_omop(
