@@ -70,7 +70,13 @@ def test_demo_runs_and_prints_the_summary(tmp_path: Path) -> None:
     text = result.stdout
     for title in ("Data quality: Eunomia GiBleed", "Visits", "Patients", "Tokens"):
         assert title in text
-    for title in ("prepare: summary", "train: summary", "generate: summary"):
+    for title in (
+        "prepare: summary",
+        "train: summary",
+        "generate: summary",
+        "evaluate: summary",
+        "demo: summary",
+    ):
         assert title in text
     assert "2,694" in text  # the patients
     run = out / "prepared"
@@ -81,6 +87,9 @@ def test_demo_runs_and_prints_the_summary(tmp_path: Path) -> None:
     assert (out / "synthetic" / "omop.duckdb").exists()
     written = read_json(out / "synthetic" / "generate_summary.json")["written"]
     assert written == 6
+    report = out / "evaluation" / "report.html"
+    assert report.exists() and "report" in text
+    assert "prevalence_pearson" in read_json(out / "evaluation" / "metrics.json")
 
 
 def _write_config(path: Path, **values) -> Path:
