@@ -20,7 +20,8 @@ import pytest
 from psycopg import sql
 
 import ehrgpt
-from ehrgpt.sources.postgres import load_omop_duckdb_into_postgres, parse_postgres_url
+from ehrgpt.sources.postgres import parse_postgres_url
+from tests.helpers.postgres_loader import load_omop_duckdb_into_postgres
 from tests.helpers.postgres_server import TemporaryPostgres
 from tests.helpers.runs import eunomia_sample, read_json
 

@@ -15,9 +15,9 @@ from ehrgpt.errors import SourceError
 from ehrgpt.sources.postgres import (
     DEFAULT_OMOP_TABLES,
     export_omop_tables,
-    load_omop_duckdb_into_postgres,
     parse_postgres_url,
 )
+from tests.helpers.postgres_loader import load_omop_duckdb_into_postgres
 
 pytestmark = pytest.mark.postgres
 

@@ -23,8 +23,8 @@ from ehrgpt.pipelines.prepare import prepare
 from ehrgpt.quality import QualityReport
 from ehrgpt.sources.meds import import_meds
 from ehrgpt.sources.omop import eunomia_path
-from ehrgpt.sources.postgres import load_omop_duckdb_into_postgres
 from ehrgpt.tokenizer.vocab import bin_token
+from tests.helpers.postgres_loader import load_omop_duckdb_into_postgres
 from tests.helpers.runs import (
     assert_quality_adds_up,
     eunomia_sample,
