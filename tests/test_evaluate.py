@@ -9,20 +9,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ehrgpt.cli import main
 from ehrgpt.errors import EhrgptError
 from ehrgpt.evaluate.patients import Cohort, clinical_code_counts, synthetic_meds
 from ehrgpt.generation.engine import SamplingConfig
-from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
-from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
 from ehrgpt.pipelines.evaluate import HEADLINES, evaluate
 from ehrgpt.pipelines.generate import generate
-from ehrgpt.tokenizer.vocab import EhrTokenizer
 from tests.helpers.browser import check_page
-from tests.helpers.runs import leftovers, read_json
+from tests.helpers.runs import leftovers, read_json, small_model_dir
 
 OFFSET = 10**12
 
@@ -30,25 +26,9 @@ OFFSET = 10**12
 @pytest.fixture(scope="session")
 def synthetic_run(eunomia_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 patients of a small freshly initialised model, as MEDS and an OMOP DuckDB file."""
-    model_dir = tmp_path_factory.mktemp("eval_model")
-    tok = EhrTokenizer.from_pretrained(eunomia_run / "tokenizer")
-    torch.manual_seed(0)
-    config = EhrGptConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        dropout=0.0,
-        max_position_embeddings=512,
+    model_dir = small_model_dir(
+        eunomia_run, tmp_path_factory.mktemp("eval_model"), context=512
     )
-    EhrGptForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    demographics(eunomia_run, tok).write_parquet(model_dir / DEMOGRAPHICS_FILE)
-    for name in ("codes.parquet", "omop_concepts.parquet"):  # as ehrgpt train saves them
-        source = eunomia_run / "meds" / "metadata" / name
-        if source.exists():
-            (model_dir / name).write_bytes(source.read_bytes())
     out = tmp_path_factory.mktemp("eval_synthetic") / "synthetic"
     generate(
         model_dir,

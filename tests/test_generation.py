@@ -22,35 +22,18 @@ import pytest
 import torch
 
 from ehrgpt.generation.engine import Engine, SamplingConfig
-from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics, history_prompt
-from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
+from ehrgpt.generation.prompts import history_prompt
+from ehrgpt.model import EhrGptForCausalLM
 from ehrgpt.pipelines.generate import generate, load_model
 from ehrgpt.tokenizer.decode import MAX_VISIT_DAYS, DecodeError, decode_ids
 from ehrgpt.tokenizer.vocab import VE, VS, EhrTokenizer
+from tests.helpers.runs import small_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(eunomia_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model folder laid out like ``ehrgpt train`` output (weights, tokenizer, ...)."""
-    out = tmp_path_factory.mktemp("model")
-    tok = EhrTokenizer.from_pretrained(eunomia_run / "tokenizer")
-    torch.manual_seed(0)
-    config = EhrGptConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        dropout=0.0,
-        max_position_embeddings=1024,
-    )
-    EhrGptForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    demographics(eunomia_run, tok).write_parquet(out / DEMOGRAPHICS_FILE)
-    (out / "codes.parquet").write_bytes(
-        (eunomia_run / "meds" / "metadata" / "codes.parquet").read_bytes()
-    )
-    return out
+    return small_model_dir(eunomia_run, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -209,3 +209,33 @@ def synthea_expanded_run(
 def tiny_meds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MEDS folder (see :func:`write_tiny_meds`); do not modify it."""
     return write_tiny_meds(tmp_path_factory.mktemp("tiny_meds"))
+
+
+def small_model_dir(run: Path, out: Path, *, context: int = 1024) -> Path:
+    """A small, freshly initialised model folder laid out like ``ehrgpt train`` output
+    (weights, tokenizer, demographics, code metadata and concept rows of ``run``)."""
+    import torch
+
+    from ehrgpt.generation.prompts import DEMOGRAPHICS_FILE, demographics
+    from ehrgpt.model import EhrGptConfig, EhrGptForCausalLM
+    from ehrgpt.tokenizer.vocab import EhrTokenizer
+
+    tok = EhrTokenizer.from_pretrained(run / "tokenizer")
+    torch.manual_seed(0)
+    config = EhrGptConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        dropout=0.0,
+        max_position_embeddings=context,
+    )
+    EhrGptForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    demographics(run, tok).write_parquet(out / DEMOGRAPHICS_FILE)
+    for name in ("codes.parquet", "omop_concepts.parquet"):  # as ehrgpt train saves them
+        source = run / "meds" / "metadata" / name
+        if source.exists():
+            (out / name).write_bytes(source.read_bytes())
+    return out
