@@ -26,9 +26,7 @@ OFFSET = 10**12
 @pytest.fixture(scope="session")
 def synthetic_run(eunomia_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 patients of a small freshly initialised model, as MEDS and an OMOP DuckDB file."""
-    model_dir = small_model_dir(
-        eunomia_run, tmp_path_factory.mktemp("eval_model"), context=512
-    )
+    model_dir = small_model_dir(eunomia_run, tmp_path_factory.mktemp("eval_model"), context=512)
     out = tmp_path_factory.mktemp("eval_synthetic") / "synthetic"
     generate(
         model_dir,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from ehrgpt.represent.finetune import FinetuneConfig
 from ehrgpt.represent.metrics import auprc, auroc, binary_metrics, bootstrap_weights
 from ehrgpt.tasks.history import encode_histories
 from ehrgpt.tasks.labels import extract_labels, labels_for, read_labels
+from tests.helpers.runs import planted_run
 
 TINY = {
     "hidden_size": 32,
@@ -162,54 +162,13 @@ def test_user_labels_count_what_cannot_be_used(eunomia_run: Path, tmp_path: Path
 # -- leakage ------------------------------------------------------------------------------
 
 
-def _planted_run(run: Path, labels: pl.DataFrame, folder: Path) -> Path:
-    """A copy of ``run`` whose subjects get events after their prediction time.
-
-    For each label: a diagnosis the same day one hour after the prediction time (a date-only
-    event stamped later that day), one 30 days later, and a visit that starts 2 days later.
-    """
-    copy = folder / "planted"
-    shutil.copytree(run / "meds", copy / "meds")
-    shard = sorted((copy / "meds" / "data").rglob("*.parquet"))
-    frames = {p: pl.read_parquet(p) for p in shard}
-    for path, frame in frames.items():
-        mine = labels.filter(pl.col("subject_id").is_in(frame["subject_id"].unique().implode()))
-        if not mine.height:
-            continue
-        t = pl.col("prediction_time")
-        planted = pl.concat(
-            [
-                mine.select(
-                    "subject_id",
-                    (t + dt.timedelta(hours=1)).alias("time"),
-                    pl.lit("SNOMED/74474003").alias("code"),
-                ),
-                mine.select(
-                    "subject_id",
-                    (t + dt.timedelta(days=30)).alias("time"),
-                    pl.lit("SNOMED/10509002").alias("code"),
-                ),
-                mine.select(
-                    "subject_id",
-                    (t + dt.timedelta(days=2)).alias("time"),
-                    pl.lit("VISIT/9201").alias("code"),
-                ),
-            ]
-        )
-        out = pl.concat([frame, planted], how="diagonal_relaxed").sort(
-            "subject_id", "time", nulls_last=False
-        )
-        out.select(frame.columns).write_parquet(path)
-    return copy
-
-
 def test_events_after_prediction_time_change_nothing(
     eunomia_run: Path, model_dir: Path, tmp_path: Path
 ) -> None:
     labels = (
         extract_labels(eunomia_run, "gi_bleed_celecoxib").frame.head(40).with_row_index("sample_id")
     )
-    planted = _planted_run(eunomia_run, labels, tmp_path)
+    planted = planted_run(eunomia_run, labels, tmp_path)
     model, tok = load_model(model_dir)
     views = []
     for run in (eunomia_run, planted):

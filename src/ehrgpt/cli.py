@@ -508,6 +508,60 @@ def probe_cmd(
     _show("probe (held_out)", result)
 
 
+@main.command("zeroshot")
+@config_option
+@_model_opt
+@_data_opt
+@click.option("--task", required=True, help="Shipped task name or ACES YAML path.")
+@_labels_opt
+@_out_opt
+@click.option("--samples", type=int, default=20, show_default=True, help="Futures per label.")
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    help="Tokens per future before it counts as unresolved (default: the model's context).",
+)
+@click.option(
+    "--unresolved",
+    type=click.Choice(["no-hit", "extend"]),
+    default="no-hit",
+    show_default=True,
+    help="Unresolved futures count as no hit, or get more tokens (up to --extend-cap).",
+)
+@click.option("--extend-cap", type=int, default=None, help="Token cap of --unresolved extend.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option(
+    "--split",
+    type=click.Choice(["held_out", "tuning", "train", "all"]),
+    default="held_out",
+    show_default=True,
+    help="Labels to predict.",
+)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Futures at once.")
+@click.option(
+    "--probe",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="An ehrgpt probe output folder of the same task, shown beside.",
+)
+@click.option("--no-baseline", is_flag=True, help="Skip the count baseline.")
+@_with(_common_opts)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def zeroshot_cmd(
+    model_dir: Path, run_dir: Path, out: Path, no_baseline: bool, no_progress: bool, **kwargs
+) -> None:
+    """Zero-shot risks from sampled futures; metrics, calibration plot, count baseline."""
+    from ehrgpt.pipelines.zeroshot import zeroshot
+
+    result = zeroshot(
+        model_dir, run_dir, out, baseline=not no_baseline, progress=not no_progress, **kwargs
+    )
+    _show("zero-shot", result)
+
+
 @main.command("baseline")
 @config_option
 @_data_opt

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -239,3 +240,44 @@ def small_model_dir(run: Path, out: Path, *, context: int = 1024) -> Path:
         if source.exists():
             (out / name).write_bytes(source.read_bytes())
     return out
+
+
+def planted_run(run: Path, labels: pl.DataFrame, folder: Path) -> Path:
+    """A copy of ``run`` whose subjects get events after their prediction time.
+
+    For each label: a diagnosis the same day one hour after the prediction time (a date-only
+    event stamped later that day), one 30 days later, and a visit that starts 2 days later.
+    """
+    copy = folder / "planted"
+    shutil.copytree(run / "meds", copy / "meds")
+    shard = sorted((copy / "meds" / "data").rglob("*.parquet"))
+    frames = {p: pl.read_parquet(p) for p in shard}
+    for path, frame in frames.items():
+        mine = labels.filter(pl.col("subject_id").is_in(frame["subject_id"].unique().implode()))
+        if not mine.height:
+            continue
+        t = pl.col("prediction_time")
+        planted = pl.concat(
+            [
+                mine.select(
+                    "subject_id",
+                    (t + dt.timedelta(hours=1)).alias("time"),
+                    pl.lit("SNOMED/74474003").alias("code"),
+                ),
+                mine.select(
+                    "subject_id",
+                    (t + dt.timedelta(days=30)).alias("time"),
+                    pl.lit("SNOMED/10509002").alias("code"),
+                ),
+                mine.select(
+                    "subject_id",
+                    (t + dt.timedelta(days=2)).alias("time"),
+                    pl.lit("VISIT/9201").alias("code"),
+                ),
+            ]
+        )
+        out = pl.concat([frame, planted], how="diagonal_relaxed").sort(
+            "subject_id", "time", nulls_last=False
+        )
+        out.select(frame.columns).write_parquet(path)
+    return copy

@@ -25,6 +25,16 @@ visit (:mod:`ehrgpt.generation.window`), runs that window through the model agai
 ("window shift"); a history longer than the context starts from such a window. The budget is
 per patient (``max_tokens_per_patient``, across windows), and what is yielded is the whole
 timeline: the original prompt and every token generated (docs/method.md section 8).
+
+**Several continuations of one prompt** (``samples``, what zero-shot prediction draws) share
+its prefill: the prompt runs through the model once, and each further continuation's slot
+starts from a copy of those keys and values (copy-on-fork), also when it gets a slot only
+later (the prefill is kept until the prompt's last continuation has a slot).
+
+**Stopping early**: a ``stop`` rule (see :class:`StopRule`), a step separate from the grammar
+mask, looks at each drawn token and may end its continuation at once with a reason of its own
+(zero-shot prediction stops a future when the outcome appears or its window has passed,
+:mod:`ehrgpt.zeroshot.resolve`).
 """
 
 from __future__ import annotations
@@ -33,10 +43,10 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from ehrgpt.errors import EhrgptError
 from ehrgpt.generation.grammar import GrammarError, GrammarState, S, TimelineGrammar
 from ehrgpt.generation.window import WINDOW_KEEP, Windower
 from ehrgpt.model import EhrGptForCausalLM
@@ -82,7 +92,8 @@ class Generated:
     ``"budget"`` (the total budget ran out, or ``[END]`` came while it was steering to an end),
     ``"context"`` (the current visit alone outgrew the context; the timeline is cut after its
     last whole visit) or ``"refused"`` (the grammar refused the prompt; nothing was generated
-    and ``reason`` says why). ``shifts``: window shifts this patient took.
+    and ``reason`` says why), or a reason of the ``stop`` rule. ``shifts``: window shifts this
+    patient took. ``sample``: which continuation of its prompt (0 .. samples - 1).
     """
 
     index: int
@@ -91,6 +102,22 @@ class Generated:
     finish: str
     reason: str = ""  # why the grammar refused the prompt (finish "refused")
     shifts: int = 0
+    sample: int = 0
+
+
+class StopRule(Protocol):
+    """Ends continuations early, after the grammar: see :mod:`ehrgpt.zeroshot.resolve`.
+
+    ``reasons[code]`` names the finish of a continuation stopped with ``code`` (code 0: go on).
+    """
+
+    reasons: tuple[str, ...]
+
+    def begin(self, rows: torch.Tensor, prompts: list[int]) -> None:
+        """Slots ``rows`` start a continuation of the prompts with these indices."""
+
+    def check(self, rows: torch.Tensor, state: GrammarState, choice: torch.Tensor) -> torch.Tensor:
+        """LongTensor ``[R]``: a code per row for the tokens ``choice`` drawn in ``state``."""
 
 
 @dataclass
@@ -107,6 +134,8 @@ class EngineStats:
     shift_tokens: int = 0  # tokens run through the model again by those shifts
     shift_seconds: float = 0.0
     shifted_sequences: int = 0  # sequences with at least one shift
+    forks: int = 0  # continuations started from a copy of their prompt's prefill
+    forked_tokens: int = 0  # prompt tokens those copies saved running through the model
 
     @property
     def tokens_per_second(self) -> float:
@@ -195,6 +224,18 @@ def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
+@dataclass
+class _Prefix:
+    """A prompt's prefill, kept for its continuations that get a slot in a later round."""
+
+    fed: Sequence[int]  # what ran through the model (the prompt, or its window)
+    since: tuple[int, int]  # (position, day count) of the window start in the prompt
+    logits: torch.Tensor  # next-token logits after the prompt [V]
+    k: torch.Tensor  # keys [layers, kv_heads, len, head_dim]
+    v: torch.Tensor
+    state: tuple[int, int]  # grammar state and length after the prompt
+
+
 class Engine:
     """Generates continuations of prompts with one model; see the module docstring."""
 
@@ -229,14 +270,22 @@ class Engine:
         seed: int = 0,
         on_step=None,
         day_budgets: Sequence[int] | None = None,
+        samples: int = 1,
+        stop: StopRule | None = None,
     ) -> Iterator[Generated]:
-        """Yield each prompt's continuation as soon as it finishes (not in prompt order).
+        """Yield each continuation as soon as it finishes (not in prompt order).
 
-        ``day_budgets``: per prompt, the most days its new time tokens may add (none: no
-        limit). ``on_step(n_finished)`` is called after every step (for progress bars).
+        ``samples``: continuations per prompt, sharing its prefill. ``day_budgets``: per
+        prompt, the most days its new time tokens may add (none: no limit). ``stop``: a rule
+        that may end a continuation early (needs the grammar). ``on_step(n_finished)`` is
+        called after every step (for progress bars).
         """
         cfg = cfg or SamplingConfig()
         cfg.check()
+        if samples < 1:
+            raise ValueError("samples must be at least 1")
+        if stop is not None and not cfg.grammar:
+            raise ValueError("a stop rule reads the grammar's time accounting: keep the grammar")
         if not prompts:
             return
         started = time.perf_counter()
@@ -246,7 +295,7 @@ class Engine:
         if self.context:
             max_len = min(max_len, self.context)
         keep = max(int(max_len * cfg.window_keep), PROMPT_LEN + 2)
-        slots = min(self.batch_size, len(prompts))
+        slots = min(self.batch_size, len(prompts) * samples)
         dtype = next(self.model.parameters()).dtype
         cache = SlotCache(
             c.num_hidden_layers,
@@ -261,8 +310,11 @@ class Engine:
         g = self.grammar
         dev = self.device
 
-        queue = deque(enumerate(prompts))
+        queue = deque((i, k) for i in range(len(prompts)) for k in range(samples))
+        prefixes: dict[int, _Prefix] = {}  # kept prefills of prompts with samples still queued
+        refused_ids: set[int] = set()
         index = [-1] * slots  # prompt index per slot (-1 = free)
+        sample_of = [0] * slots
         tokens: list[list[int]] = [[] for _ in range(slots)]
         n_prompt = [0] * slots
         pos = torch.zeros(slots, dtype=torch.long, device=dev)  # tokens in the cache
@@ -282,6 +334,7 @@ class Engine:
         def finish(r: int, reason: str, ids: list[int]) -> Generated:
             nonlocal finished
             out = Generated(index[r], ids, n_prompt[r], reason, shifts=shifts[r])
+            out.sample = sample_of[r]
             self.stats.shifted_sequences += shifts[r] > 0
             index[r] = -1
             finished += 1
@@ -299,6 +352,7 @@ class Engine:
             else:
                 probs = _filter_logits(logits, cfg).softmax(dim=-1)
                 choice = _draw(probs, gen)
+            stopped = stop.check(rows, state, choice).tolist() if stop is not None else None
             if cfg.grammar:
                 days_left[rows], visit_left[rows] = g.spend_time(
                     state, choice, days_left[rows], visit_left[rows], MAX_VISIT_DAYS
@@ -315,11 +369,12 @@ class Engine:
             for k, (r, t) in enumerate(zip(rows.tolist(), chosen, strict=True)):
                 if t == self.end_id:
                     done.append(finish(r, ended[k], tokens[r]))
+                    continue
+                tokens[r].append(t)
+                if stopped is not None and stopped[k]:
+                    done.append(finish(r, stop.reasons[stopped[k]], tokens[r]))
                 elif int(new[r]) >= budget:
-                    tokens[r].append(t)
                     done.append(finish(r, "budget", tokens[r]))
-                else:
-                    tokens[r].append(t)
             return done
 
         def shift(full: list[int]) -> Iterator[Generated]:
@@ -346,38 +401,121 @@ class Engine:
                 yield from sample(rows, logits)
             self.stats.shift_seconds += time.perf_counter() - t0
 
+        def refuse(i: int, reason: str) -> Iterator[Generated]:
+            """Every continuation of a prompt that cannot run, at once."""
+            nonlocal finished
+            refused_ids.add(i)
+            self.stats.refused_prompts += 1
+            finished += samples
+            for k in range(samples):
+                yield Generated(i, list(prompts[i]), len(prompts[i]), "refused", reason, sample=k)
+
+        def admit(free: list[int]) -> Iterator[Generated]:
+            """Free slots take the next continuations: a prompt new to the engine is run
+            through the model once (prefill); its other continuations copy that prefill."""
+            items: list[tuple[int, int]] = []
+            while queue and len(items) < len(free):
+                item = queue.popleft()
+                if item[0] not in refused_ids:
+                    items.append(item)
+            fresh = list(dict.fromkeys(i for i, _ in items if i not in prefixes))
+            states: dict[int, tuple[int, int]] = {}
+            if fresh and cfg.grammar:
+                good, st, refused = self._check_prompts([(i, prompts[i]) for i in fresh])
+                for res in refused:
+                    yield from refuse(res.index, res.reason)
+                states = {
+                    i: (int(s), int(n))
+                    for (i, _), s, n in zip(
+                        good, st.state.tolist(), st.length.tolist(), strict=True
+                    )
+                }
+            fitted: dict[int, tuple[Sequence[int], tuple[int, int]]] = {}
+            for i in fresh:
+                if i in refused_ids:
+                    continue
+                fit = self._fit_prompt(prompts[i], keep, max_len)
+                if fit is None:
+                    yield from refuse(
+                        i, f"its last visit alone is longer than the context ({max_len} tokens)"
+                    )
+                    continue
+                fitted[i] = fit
+            items = [(i, k) for i, k in items if i not in refused_ids]
+            if not items:
+                return
+            take = free[: len(items)]
+            first_slot: dict[int, int] = {}
+            for s, (i, _) in zip(take, items, strict=True):
+                if i in fitted and i not in first_slot:
+                    first_slot[i] = s
+            run = list(first_slot)
+            fresh_logits: dict[int, torch.Tensor] = {}
+            if run:
+                rows = torch.tensor([first_slot[i] for i in run], device=dev)
+                logits, _ = self._prefill(cache, rows, [fitted[i][0] for i in run])
+                fresh_logits = {i: logits[n] for n, i in enumerate(run)}
+                self.stats.prompt_tokens += sum(len(fitted[i][0]) for i in run)
+            left: dict[int, int] = {}
+            for i, k in items:
+                left[i] = samples - 1 - k  # continuations of i still queued after this one
+            for i in run:
+                if left[i] > 0:  # keep the prefill for the continuations that come later
+                    n = len(fitted[i][0])
+                    s = first_slot[i]
+                    prefixes[i] = _Prefix(
+                        fitted[i][0],
+                        fitted[i][1],
+                        fresh_logits[i],
+                        cache.k[:, s, :, :n].clone(),
+                        cache.v[:, s, :, :n].clone(),
+                        states.get(i, (0, 0)),
+                    )
+            out_logits = []
+            for s, (i, k) in zip(take, items, strict=True):
+                if i in fitted:
+                    fed, win = fitted[i]
+                    state, logit = states.get(i, (0, 0)), fresh_logits[i]
+                    if first_slot[i] != s:  # a fork of this round's prefill
+                        src, n = first_slot[i], len(fed)
+                        cache.k[:, s, :, :n] = cache.k[:, src, :, :n]
+                        cache.v[:, s, :, :n] = cache.v[:, src, :, :n]
+                        self.stats.forks += 1
+                        self.stats.forked_tokens += n
+                else:  # a fork of an earlier round's prefill
+                    pre = prefixes[i]
+                    fed, win, state, logit = pre.fed, pre.since, pre.state, pre.logits
+                    n = len(fed)
+                    cache.k[:, s, :, :n] = pre.k
+                    cache.v[:, s, :, :n] = pre.v
+                    self.stats.forks += 1
+                    self.stats.forked_tokens += n
+                index[s], sample_of[s], tokens[s], n_prompt[s] = (
+                    i,
+                    k,
+                    list(prompts[i]),
+                    len(prompts[i]),
+                )
+                shifts[s], since[s], cached[s] = 0, win, len(fed)
+                gstate[s], glen[s] = state
+                pos[s], new[s] = len(fed), 0
+                out_logits.append(logit)
+            for i, n_left in left.items():
+                if n_left == 0:
+                    prefixes.pop(i, None)  # its last continuation has a slot now
+            rows = torch.tensor(take, device=dev)
+            if cfg.grammar:
+                days = [_NO_LIMIT if budgets is None else budgets[i] for i, _ in items]
+                days_left[rows] = torch.tensor(days, device=dev)
+                visit_left[rows] = MAX_VISIT_DAYS
+            if stop is not None:
+                stop.begin(rows, [i for i, _ in items])
+            yield from sample(rows, torch.stack(out_logits))
+
         while queue or any(i >= 0 for i in index):
-            # Prefill: free slots take the next prompts.
             free = [s for s in range(slots) if index[s] < 0]
             if free and queue:
-                batch = [queue.popleft() for _ in free[: len(queue)]]
-                if cfg.grammar:
-                    batch, st, refused = self._check_prompts(batch)
-                    self.stats.refused_prompts += len(refused)
-                    finished += len(refused)
-                    yield from refused
-                if not batch:
-                    continue
-                take = free[: len(batch)]
-                fed = []
-                for s, (i, p) in zip(take, batch, strict=True):
-                    index[s], tokens[s], n_prompt[s] = i, list(p), len(p)
-                    shifts[s], since[s] = 0, (PROMPT_LEN, 0)
-                    fed.append(self._fit_prompt(s, i, p, keep, max_len, since))
-                    cached[s] = len(fed[-1])
-                batch = list(zip([i for i, _ in batch], fed, strict=True))
-                rows = torch.tensor(take, device=dev)
-                logits, _ = self._prefill(cache, rows, fed)
-                if cfg.grammar:  # states of the whole prompts (a window's state is the same)
-                    gstate[rows], glen[rows] = st.state, st.length
-                    days = [_NO_LIMIT if budgets is None else budgets[i] for i, _ in batch]
-                    days_left[rows] = torch.tensor(days, device=dev)
-                    visit_left[rows] = MAX_VISIT_DAYS
-                lens = torch.tensor([len(p) for _, p in batch], device=dev)
-                pos[rows] = lens
-                new[rows] = 0
-                self.stats.prompt_tokens += int(lens.sum())
-                yield from sample(rows, logits)
+                yield from admit(free)
             # Window shifts: slots whose sequence filled the cache continue from a rebuilt window.
             full = [s for s in range(slots) if index[s] >= 0 and cached[s] >= max_len]
             if full:
@@ -400,7 +538,7 @@ class Engine:
             yield from sample(rows, logits[rows] if len(active) < slots else logits)
             if on_step is not None:
                 on_step(finished)
-        self.stats.sequences += len(prompts)
+        self.stats.sequences += len(prompts) * samples
         self.stats.seconds += time.perf_counter() - started
 
     def _ending(self, state: GrammarState, remaining: torch.Tensor, grammar: bool) -> list[str]:
@@ -412,25 +550,17 @@ class Engine:
         ]
 
     def _fit_prompt(
-        self,
-        slot: int,
-        index: int,
-        prompt: Sequence[int],
-        keep: int,
-        max_len: int,
-        since: list[tuple[int, int]],
-    ) -> Sequence[int]:
-        """The prompt, or its window when it is longer than the cache (a long history)."""
+        self, prompt: Sequence[int], keep: int, max_len: int
+    ) -> tuple[Sequence[int], tuple[int, int]] | None:
+        """The prompt (or its window, when it is longer than the cache: a long history) and
+        the (position, day count) of its window start; None when no window of whole visits
+        fits (its last visit alone is longer than the context)."""
         if len(prompt) < max_len:
-            return prompt
+            return prompt, (PROMPT_LEN, 0)
         w = self.windower.window(list(prompt), keep=keep, limit=max_len - 1)
         if w is None:
-            raise EhrgptError(
-                f"prompt {index}: its last visit alone is longer than the context of "
-                f"{max_len} tokens; give a shorter history."
-            )
-        since[slot] = (w[1], w[2])
-        return w[0]
+            return None
+        return w[0], (w[1], w[2])
 
     def _cut_to_visit(self, ids: list[int], n_prompt: int) -> list[int]:
         """``ids`` up to and including the last ``[VE]`` (or all of it if there is none)."""

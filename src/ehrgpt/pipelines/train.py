@@ -472,7 +472,6 @@ def write_model_card(
     mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a (no known peak for this device)"
     last_val = {}
     if (out / METRICS).exists():
-
         for r in atomic.read_jsonl(out / METRICS):
             if r.get("step") == result.best_step and "val_losses" in r:
                 last_val = r["val_losses"]

@@ -120,7 +120,9 @@ def encode_histories(
     max_len: int,
     stats: HistoryStats | None = None,
 ) -> pl.DataFrame:
-    """Token ids of each label's history: ``sample_id, input_ids, n_tokens`` (in label order).
+    """Token ids of each label's history: ``sample_id, input_ids, n_tokens, last_day`` (in
+    label order; ``last_day``: the day of the history's last token, where a continuation
+    starts counting time).
 
     Labels whose history holds no visit are left out (counted as ``empty``).
     """
@@ -145,6 +147,7 @@ def encode_histories(
         "sample_id",
         pl.col("input_ids").cast(pl.List(pl.Int32)),
         pl.col("input_ids").list.len().alias("n_tokens"),
+        pl.col("days").list.last().cast(pl.Int64).alias("last_day"),
     ).sort("sample_id")
     stats.histories += out.height
     stats.tokens += int(out["n_tokens"].sum())
@@ -173,7 +176,8 @@ def build_histories(
     """Stream the histories of a :func:`plan_chunks` plan, one frame per chunk.
 
     Each frame: the chunk's label columns (``sample_id``, ``subject_id``, ``prediction_time``,
-    ...), ``input_ids`` and ``n_tokens``; labels with an empty history are left out.
+    ...), ``input_ids``, ``n_tokens`` and ``last_day``; labels with an empty history are left
+    out.
     """
     stats = stats if stats is not None else HistoryStats()
     cached: tuple[Path | None, pl.DataFrame | None] = (None, None)

@@ -1,0 +1,1 @@
+"""Zero-shot prediction: risks from sampled futures (docs/method.md section 12)."""
