@@ -174,27 +174,35 @@ def prepare_cmd(no_progress: bool, **kwargs) -> None:
 @click.option(
     "--steps",
     type=int,
-    default=300,
-    show_default=True,
-    help="Training steps of the tiny model (300 = about one epoch of Eunomia).",
+    default=None,
+    help="Training steps of the tiny model (default: ehrgpt.pipelines.demo.DEMO_STEPS).",
 )
-@click.option(
-    "--patients", type=int, default=200, show_default=True, help="Synthetic patients to generate."
-)
+@click.option("--patients", type=int, default=None, help="Synthetic patients (default: 200).")
+@click.option("--samples", type=int, default=None, help="Zero-shot futures per label (default 20).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo_cmd(out: Path, steps: int, patients: int, seed: int, no_progress: bool) -> None:
-    """The whole chain on the bundled Eunomia data: prepare, train, generate, evaluate.
+def demo_cmd(
+    out: Path,
+    steps: int | None,
+    patients: int | None,
+    samples: int | None,
+    seed: int,
+    no_progress: bool,
+) -> None:
+    """The whole chain on the bundled Eunomia data: prepare, train, GI-bleed labels, probe,
+    zero-shot and count baseline, generate, evaluate.
 
-    RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/synthetic
-    (synthetic patients as MEDS and as an OMOP CDM DuckDB file), RUN/evaluation (report.html).
+    RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/gi_bleed (labels,
+    probe, zeroshot), RUN/synthetic (synthetic patients as MEDS and as an OMOP CDM DuckDB file),
+    RUN/evaluation (report.html).
     """
-    from ehrgpt.pipelines.demo import demo
+    from ehrgpt.pipelines import demo as d
 
-    result = demo(
+    result = d.demo(
         out,
-        steps=steps,
-        patients=patients,
+        steps=steps or d.DEMO_STEPS,
+        patients=patients or d.DEMO_PATIENTS,
+        samples=samples or d.DEMO_SAMPLES,
         seed=seed,
         progress=not no_progress,
         stage=console.rule,

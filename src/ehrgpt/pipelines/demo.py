@@ -1,10 +1,11 @@
 """``ehrgpt demo``: the whole chain on the bundled Eunomia data.
 
-RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/synthetic (synthetic
-patients as MEDS and as an OMOP CDM DuckDB file), RUN/evaluation (report.html and
-metrics.json: fidelity, utility and privacy of the synthetic patients). Each stage's summary is
-handed to ``show`` as it finishes; the result's ``rows()`` hold the headline figure of every
-stage.
+RUN/prepared (MEDS, vocabulary, tokens), RUN/model (a tiny CEHR-GPT), RUN/gi_bleed (the GI-bleed
+task: labels, a linear probe on embeddings, zero-shot risks from sampled futures with the count
+baseline beside them), RUN/synthetic (synthetic patients as MEDS and as an OMOP CDM DuckDB
+file), RUN/evaluation (report.html and metrics.json: fidelity, utility and privacy of the
+synthetic patients). Each stage's summary is handed to ``show`` as it finishes; the result's
+``rows()`` hold the headline figure of every stage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: Training steps of the demo's tiny model.
+DEMO_STEPS = 300
+#: Synthetic patients the demo generates.
+DEMO_PATIENTS = 200
+#: The demo's prediction task and futures per label of its zero-shot stage.
+DEMO_TASK = "gi_bleed"
+DEMO_SAMPLES = 20
+STAGES = 7
 
 
 @dataclass
@@ -30,33 +40,39 @@ class DemoResult:
 def demo(
     out: Path,
     *,
-    steps: int = 300,
-    patients: int = 200,
+    steps: int = DEMO_STEPS,
+    patients: int = DEMO_PATIENTS,
+    samples: int = DEMO_SAMPLES,
     seed: int = 0,
     progress: bool = True,
     stage: Callable[[str], None] = lambda title: None,
     show: Callable[[str, Any], None] = lambda title, result: None,
 ) -> DemoResult:
-    """Run prepare, train (tiny) and generate on Eunomia under ``out``.
+    """Run prepare, train (tiny), the GI-bleed task (labels, probe, zero-shot, count baseline),
+    generate and evaluate on Eunomia under ``out``.
 
     ``stage(title)`` is called before each stage and ``show(title, result)`` after it.
     """
     from ehrgpt.generation.engine import SamplingConfig
     from ehrgpt.pipelines.evaluate import evaluate
     from ehrgpt.pipelines.generate import generate
+    from ehrgpt.pipelines.labels import make_labels
     from ehrgpt.pipelines.prepare import prepare
+    from ehrgpt.pipelines.probe import probe
     from ehrgpt.pipelines.train import train
+    from ehrgpt.pipelines.zeroshot import zeroshot
+    from ehrgpt.represent.evaluate import metric_text
 
     out = Path(out)
     result = DemoResult(out)
-    stage("ehrgpt demo 1/4: prepare Eunomia GiBleed (2,694 patients)")
+    stage(f"ehrgpt demo 1/{STAGES}: prepare Eunomia GiBleed (2,694 patients)")
     prepared = prepare("eunomia", out / "prepared", seed=seed, overwrite=True, progress=progress)
     show("prepare", prepared)
     result.headlines.append(
         ("prepare", f"{prepared.n_subjects:,} patients, {prepared.n_tokens:,} tokens")
     )
 
-    stage(f"ehrgpt demo 2/4: pretrain the tiny model ({steps} steps)")
+    stage(f"ehrgpt demo 2/{STAGES}: pretrain the tiny model ({steps} steps)")
     trained = train(
         out / "prepared",
         out / "model",
@@ -74,7 +90,59 @@ def demo(
         )
     )
 
-    stage(f"ehrgpt demo 3/4: generate {patients} synthetic patients (MEDS + OMOP)")
+    task_dir = out / DEMO_TASK
+    stage(f"ehrgpt demo 3/{STAGES}: labels of the {DEMO_TASK} task (ACES)")
+    labelled = make_labels(out / "prepared", DEMO_TASK, task_dir / "labels", overwrite=True)
+    show("labels", labelled)
+    held = labelled.counts.get("held_out", {})
+    result.headlines.append(
+        (
+            f"labels: {DEMO_TASK}",
+            f"{sum(c['labels'] for c in labelled.counts.values()):,} labels; held_out "
+            f"{held.get('labels', 0):,} ({held.get('positive', 0):,} positive)",
+        )
+    )
+
+    stage(f"ehrgpt demo 4/{STAGES}: linear probe on the model's embeddings ({DEMO_TASK})")
+    probed = probe(
+        out / "model",
+        out / "prepared",
+        task_dir / "probe",
+        labels=task_dir / "labels",
+        baseline=False,
+        seed=seed,
+        overwrite=True,
+        progress=progress,
+    )
+    show("probe (held_out)", probed)
+
+    stage(
+        f"ehrgpt demo 5/{STAGES}: zero-shot risks from {samples} sampled futures per label, "
+        "beside the count baseline"
+    )
+    predicted = zeroshot(
+        out / "model",
+        out / "prepared",
+        task_dir / "zeroshot",
+        task=DEMO_TASK,
+        labels=task_dir / "labels",
+        samples=samples,
+        probe=task_dir / "probe",
+        seed=seed,
+        overwrite=True,
+        progress=progress,
+    )
+    show("zero-shot (held_out)", predicted)
+    result.headlines += [
+        (f"zero-shot AUROC ({samples} futures)", metric_text(predicted.results[predicted.main])),
+        ("probe AUROC (mean embedding, logistic)", metric_text(probed.results[probed.main])),
+    ]
+    result.headlines += [
+        (f"count baseline AUROC ({name.split(', ')[-1]})", metric_text(m))
+        for name, m in predicted.baseline.items()
+    ]
+
+    stage(f"ehrgpt demo 6/{STAGES}: generate {patients} synthetic patients (MEDS + OMOP)")
     generated = generate(
         out / "model",
         patients,
@@ -91,7 +159,7 @@ def demo(
         ("generate: patients written", f"{generated.written:,} of {generated.requested:,}")
     )
 
-    stage("ehrgpt demo 4/4: evaluate the synthetic patients (fidelity, utility, privacy)")
+    stage(f"ehrgpt demo 7/{STAGES}: evaluate the synthetic patients (fidelity, utility, privacy)")
     evaluated = evaluate(
         out / "prepared",
         out / "synthetic",
