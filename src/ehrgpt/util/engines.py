@@ -81,6 +81,14 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _warm_up(_: int) -> int:
+    """Load what tasks use, so that the first tasks do not pay for it."""
+    import duckdb  # noqa: F401
+    import polars  # noqa: F401
+
+    return os.getpid()
+
+
 class LocalEngine:
     """Tasks in this process (``workers=1``) or on a pool of spawned processes."""
 
@@ -91,6 +99,7 @@ class LocalEngine:
             raise EhrgptError(f"--workers must be at least 1, not {workers}.")
         self.workers = workers
         self.retries = retries
+        self._executor: ProcessPoolExecutor | None = None
 
     def threads_per_task(self) -> int:
         """Threads one task may use so that the workers share the machine's cores."""
@@ -120,35 +129,40 @@ class LocalEngine:
         finally:
             bar.close()
 
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            with _env(POLARS_MAX_THREADS=str(self.threads_per_task())):
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn")
+                )
+                # A spawn pool starts all its workers at the first task: start them now, while
+                # the environment holds their thread count.
+                list(self._executor.map(_warm_up, range(self.workers)))
+        return self._executor
+
     def _pool_map(
         self, fn: Callable[[dict], Any], specs: list[Any], bar: Bar, description: str
     ) -> list[Any]:
         results: dict[int, Any] = {}
         deaths = 0
-        context = multiprocessing.get_context("spawn")
-        threads = str(self.threads_per_task())
         while len(results) < len(specs):
-            todo = [i for i in range(len(specs)) if i not in results]
+            pool = self._pool()
+            futures = {pool.submit(fn, specs[i]): i for i in range(len(specs)) if i not in results}
+            pending = set(futures)
             broken = False
-            with (
-                _env(POLARS_MAX_THREADS=threads),
-                ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=context) as pool,
-            ):
-                futures = {pool.submit(fn, specs[i]): i for i in todo}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        try:
-                            results[futures[fut]] = fut.result()
-                        except BrokenProcessPool:
-                            broken = True
-                        except BaseException:
-                            for other in pending:
-                                other.cancel()
-                            raise
-                    bar.update(len(results))
-            if broken:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        results[futures[fut]] = fut.result()
+                    except BrokenProcessPool:
+                        broken = True
+                    except BaseException:
+                        self.close()
+                        raise
+                bar.update(len(results))
+            if broken:  # a worker died: a new pool runs the unfinished tasks again
+                self.close()
                 deaths += 1
                 if deaths > self.retries:
                     left = sorted(i for i in range(len(specs)) if i not in results)
@@ -160,7 +174,10 @@ class LocalEngine:
         return [results[i] for i in range(len(specs))]
 
     def close(self) -> None:
-        """Nothing to release: each map's pool is closed when the map ends."""
+        """Stop the worker processes."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
 
 class RayEngine:
