@@ -195,6 +195,9 @@ def prepare(
         )
         atomic.write_json(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
+        # Tasks whose worker died (killed, or stopped with a broken pool) left temporary files.
+        for folder in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+            atomic.remove_stale_tmp(folder)
         atomic.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -346,7 +349,7 @@ def _prepare_into(
         timings["tokenize"] = time.perf_counter() - clock
         engine_text = f"{runner.name}, {plan.workers} worker(s)"
         if "clean" in timings:
-            engine_text += f", {n_parts or plan.n_parts} patient shard(s)"
+            engine_text += f", {meds.n_parts} patient shard(s)"
     finally:
         if runner is not None:
             runner.close()

@@ -407,4 +407,5 @@ def run(
             if s["statistics_seed"] is not None
         ],
         timings,
+        n_parts,
     )

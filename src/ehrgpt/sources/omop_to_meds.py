@@ -65,6 +65,8 @@ class MedsResult:
     train_statistics: list = field(default_factory=list)
     #: Seconds per step.
     timings: dict = field(default_factory=dict)
+    #: Patient shards the work was split into.
+    n_parts: int = 1
 
 
 def _reason_counts(con, table: str) -> tuple[int, int, dict[str, int]]:
