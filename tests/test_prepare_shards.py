@@ -33,8 +33,8 @@ def reference(sample_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def test_eunomia_content_is_that_of_the_single_process_pipeline(eunomia_run: Path) -> None:
-    """The default run (patient shards on a process pool) writes what the single-process
-    pipeline wrote: every MEDS shard, tokenizer file, tokenized shard and data_quality.json."""
+    """The default run writes what the single-process pipeline wrote: every MEDS shard,
+    tokenizer file, tokenized shard and data_quality.json."""
     expected = json.loads(DIGESTS.read_text())
     assert run_digests(eunomia_run) == expected
 
