@@ -150,16 +150,20 @@ def raw_export(source: str, out: str, threads: int) -> dict:
     return {"rows": int(n), "bytes": Path(out).stat().st_size}
 
 
-def run_prepare(source: str, out: str, progress: bool) -> dict:
+def run_prepare(source: str, out: str, progress: bool, engine: str, workers: int) -> dict:
     """Run the pipeline in this process and return its result as a dict."""
     from ehrgpt.pipelines.prepare import prepare
 
-    r = prepare(source, Path(out), overwrite=True, progress=progress)
+    r = prepare(
+        source, Path(out), overwrite=True, progress=progress, engine=engine, workers=workers
+    )
     return {
         "n_events": int(r.n_source_rows),
         "n_subjects": int(r.n_subjects),
         "n_tokens": int(r.n_tokens),
         "seconds": float(r.seconds),
+        "engine": r.engine,
+        "timings": r.timings,
     }
 
 
@@ -168,7 +172,7 @@ def _stage_main(argv: list[str]) -> int:
     if mode == "_raw_export":
         res = raw_export(rest[0], rest[1], int(rest[2]))
     elif mode == "_prepare":
-        res = run_prepare(rest[0], rest[1], rest[2] == "1")
+        res = run_prepare(rest[0], rest[1], rest[2] == "1", rest[3], int(rest[4]))
     else:
         raise SystemExit(f"unknown stage {mode}")
     print("RESULT " + json.dumps(res))
@@ -282,17 +286,26 @@ def bench_size(copies: int, args: argparse.Namespace) -> dict:
     raw_cmd = _pin(
         [py, me, "_raw_export", str(source), str(work / "raw.parquet"), str(args.cores)], args.cores
     )
-    prep_cmd = _pin(
-        [py, me, "_prepare", str(source), str(work / "prepared"), "1" if args.progress else "0"],
-        args.cores,
-    )
-    raws, preps = [], []
+
+    def prep_cmd(variant: str) -> list[str]:
+        engine, workers = variant.split(":")
+        flag = "1" if args.progress else "0"
+        return _pin(
+            [py, me, "_prepare", str(source), str(work / "prepared"), flag, engine, workers],
+            args.cores,
+        )
+
+    raws: list[dict] = []
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for _ in range(args.repeat):
         raws.append(_measure_stage(raw_cmd))
         (work / "raw.parquet").unlink(missing_ok=True)
-        preps.append(_measure_stage(prep_cmd))
-        shutil.rmtree(work / "prepared", ignore_errors=True)
-    raw, prep = _best(raws), _best(preps)
+        for variant in args.variants:
+            runs[variant].append(_measure_stage(prep_cmd(variant)))
+            shutil.rmtree(work / "prepared", ignore_errors=True)
+    raw = _best(raws)
+    variants = {v: _best(r) for v, r in runs.items()}
+    prep = variants[args.variants[-1]]
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     rec = {
@@ -302,8 +315,17 @@ def bench_size(copies: int, args: argparse.Namespace) -> dict:
         "build_seconds": build["seconds"] if build else None,
         "baseline": {k: raw[k] for k in ("wall_s", "peak_rss", "rc", "cpu_s")},
         "prepare": {k: prep[k] for k in ("wall_s", "peak_rss", "rc", "cpu_s")},
+        "prepare_variant": args.variants[-1],
+        "variants": {
+            v: {
+                **{k: r[k] for k in ("wall_s", "peak_rss", "rc", "cpu_s")},
+                "result": r["result"],
+                "events_per_s": (r["result"] or {}).get("n_events", 0) / r["wall_s"],
+            }
+            for v, r in variants.items()
+        },
         "baseline_runs_s": [r["wall_s"] for r in raws],
-        "prepare_runs_s": [r["wall_s"] for r in preps],
+        "prepare_runs_s": [r["wall_s"] for r in runs[args.variants[-1]]],
     }
     raw_rows = (raw["result"] or {}).get("rows")
     rec["raw_rows"] = raw_rows
@@ -320,6 +342,53 @@ def bench_size(copies: int, args: argparse.Namespace) -> dict:
     if raw["rc"] == 0 and raw_rows:
         rec["baseline_events_per_s"] = raw_rows / raw["wall_s"]
     return rec
+
+
+def bench_meds_etl(copies: int, args: argparse.Namespace) -> dict:
+    """meds_etl_omop (cpp backend) against ``ehrgpt prepare`` on the same CSV export."""
+    from scale_eunomia import export_csv
+
+    source, _ = _source_for(copies, args.data_dir)
+    csv = args.data_dir / f"eunomia_x{copies}_csv"
+    if not (csv / "person.csv").exists():
+        export_csv(source, csv, threads=args.cores)
+    work = args.work_dir / f"meds_etl_x{copies}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for f in sorted(csv.iterdir()):
+        _warm_page_cache(f)
+    etl = str(Path(args.meds_etl) / "meds_etl_omop")
+    cmds = {
+        "meds_etl cpp": [
+            *(etl, str(csv), str(work / "meds_etl")),
+            *("--num_proc", str(args.cores), "--backend", "cpp"),
+        ],
+        "ehrgpt prepare": [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "_prepare",
+            str(csv),
+            str(work / "ehrgpt"),
+            "0",
+            "local",
+            str(args.cores),
+        ],
+    }
+    out = {"copies": copies, "csv": str(csv)}
+    for name, cmd in cmds.items():
+        runs = []
+        for _ in range(args.repeat):
+            shutil.rmtree(work / "meds_etl", ignore_errors=True)
+            shutil.rmtree(work / "ehrgpt", ignore_errors=True)
+            runs.append(_measure_stage(_pin(cmd, args.cores)))
+        best = _best(runs)
+        out[name] = {k: best[k] for k in ("wall_s", "peak_rss", "rc", "cpu_s")}
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    out["ratio_ehrgpt_over_meds_etl"] = (
+        out["ehrgpt prepare"]["wall_s"] / out["meds_etl cpp"]["wall_s"]
+    )
+    return out
 
 
 def _checks(records: list[dict]) -> dict:
@@ -369,7 +438,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep outputs in --work-dir")
     p.add_argument("--progress", action="store_true", help="show prepare's progress bars")
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
+    p.add_argument(
+        "--variants",
+        default="local:1,local:2",
+        help="prepare runs per size, ENGINE:WORKERS, comma separated; the last is checked "
+        "against the targets (e.g. local:1,local:2,ray:2)",
+    )
+    p.add_argument(
+        "--meds-etl",
+        default=None,
+        help="bin folder of a venv with meds-etl and meds-etl-cpp: also time meds_etl_omop "
+        "(cpp backend) and prepare on the same CSV export",
+    )
+    p.add_argument("--meds-etl-sizes", default="10", help="sizes for --meds-etl")
     args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
     sizes = list(QUICK_SIZES) if args.quick else [int(s) for s in args.sizes.split(",") if s]
 
     gflops = measure_matmul_peak_gflops(2.0)
@@ -391,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+
+    etl_records = []
+    if args.meds_etl:
+        for copies in [int(x) for x in args.meds_etl_sizes.split(",") if x]:
+            etl_records.append(bench_meds_etl(copies, args))
 
     def f(v, spec):
         return None if v is None else format(v, spec)
@@ -440,6 +528,43 @@ def main(argv: list[str] | None = None) -> int:
         "same run); events = MEDS event rows prepare read; MiB = peak RSS of the process "
         "tree"
     )
+    vrows = []
+    for r in records:
+        for v, res in r["variants"].items():
+            first = r["variants"][args.variants[0]]
+            timings = (res["result"] or {}).get("timings") or {}
+            vrows.append(
+                [
+                    f"x{r['copies']}",
+                    v,
+                    f(res["wall_s"], ".2f"),
+                    f(res["events_per_s"], ",.0f"),
+                    f(first["wall_s"] / res["wall_s"], ".2f"),
+                    f(res["peak_rss"] / 2**20, ",.0f"),
+                    " ".join(f"{k} {t:.1f}" for k, t in timings.items()),
+                ]
+            )
+    print()
+    print_table(
+        vrows,
+        [
+            "size",
+            "engine:workers",
+            "s",
+            "events/s",
+            f"speedup vs {args.variants[0]}",
+            "MiB",
+            "seconds per step",
+        ],
+    )
+    for e in etl_records:
+        print(
+            f"x{e['copies']} CSV export: meds_etl_omop cpp {e['meds_etl cpp']['wall_s']:.2f} s "
+            f"{e['meds_etl cpp']['peak_rss'] / 2**20:,.0f} MiB (rc {e['meds_etl cpp']['rc']}), "
+            f"ehrgpt prepare {e['ehrgpt prepare']['wall_s']:.2f} s "
+            f"{e['ehrgpt prepare']['peak_rss'] / 2**20:,.0f} MiB; ehrgpt / meds_etl "
+            f"{e['ratio_ehrgpt_over_meds_etl']:.2f}"
+        )
     checks = _checks(records)
     print()
     if "largest_events_per_s" in checks:
@@ -475,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_events_per_s": TARGET_EVENTS_PER_S,
         "memory_limit_bytes": MEMORY_LIMIT_BYTES,
         "sizes": records,
+        "meds_etl": etl_records,
         "checks": checks,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -189,6 +189,46 @@ def scale_eunomia(
     }
 
 
+#: CDM 5.3 column names (Eunomia's) and their CDM 5.4 names.
+CDM54_NAMES = {
+    "discharge_to_concept_id": "discharged_to_concept_id",
+    "discharge_to_source_value": "discharged_to_source_value",
+    "admitting_source_concept_id": "admitted_from_concept_id",
+    "admitting_source_value": "admitted_from_source_value",
+}
+
+
+def export_csv(source: Path, folder: Path, *, threads: int = 2) -> dict:
+    """Export an (scaled) Eunomia DuckDB file as a folder of CSV files, one per table, with
+    lower-case table and column names (``person.csv``, ...) and CDM 5.4 column names, as
+    CDM 5.4 ETLs such as ``meds_etl_omop`` read them. Malformed tables (a header row as
+    data: no ``person_id`` where the CDM has one) are left out."""
+    import time
+
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(source), read_only=True)
+    con.execute(f"SET threads={int(threads)}")
+    tables = [r[0] for r in con.execute("SHOW TABLES").fetchall()]
+    written = []
+    malformed = {"death", "device_exposure", "note", "specimen", "visit_detail"}
+    for table in tables:
+        cols = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {_q(table)}").fetchall()]
+        names = {c.lower() for c, _ in cols}
+        if table.lower() in malformed and "person_id" not in names:
+            continue
+        select = ", ".join(
+            f"{_q(c)} AS {_q(CDM54_NAMES.get(c.lower(), c.lower()))}" for c, _ in cols
+        )
+        out = folder / f"{table.lower()}.csv"
+        con.execute(
+            f"COPY (SELECT {select} FROM {_q(table)}) TO '{out.as_posix()}' (HEADER, DELIMITER ',')"
+        )
+        written.append(table.lower())
+    con.close()
+    return {"tables": written, "seconds": time.perf_counter() - started}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--copies", type=int, required=True, help="copies of every patient (372: 1M)")

@@ -151,9 +151,28 @@ def _run_prepare(**kwargs) -> None:
 )
 @click.option(
     "--memory-limit",
-    default="2GB",
+    default="4GB",
     show_default=True,
-    help="Memory the database engine may use before spilling to disk.",
+    help="Memory the whole run may use (all workers); shard count and DuckDB's memory follow, "
+    "and a run that cannot fit stops before it starts.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Run the shards on local processes or on a Ray cluster (pip install 'ehrgpt[ray]').",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Processes (local) or Ray CPUs [default: all cores that fit in --memory-limit].",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="An existing Ray cluster ('auto', 'ray://host:10001'); none starts a local one.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only on success).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")

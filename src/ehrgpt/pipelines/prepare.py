@@ -10,16 +10,24 @@ The run folder it writes::
 
 Everything is written under a temporary name beside RUN_DIR and renamed at the end, so a
 failed run leaves nothing half-written and an existing folder is only replaced on success.
+
+The work is a map over shards run by an engine (``--engine local``: this process or a pool of
+``--workers`` processes; ``--engine ray``: a Ray cluster): OMOP sources are cleaned per
+patient shard (:mod:`ehrgpt.sources.omop_shards`), then the vocabulary is fitted from
+per-shard counts and every MEDS shard is tokenized as its own task. The output is the same
+for any engine, number of workers and memory limit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
+import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -28,14 +36,20 @@ from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError, OutputExistsError
 from ehrgpt.quality import QualityReport
 from ehrgpt.tokenizer.encode import MIN_PRETRAIN_TOKENS, EncodeStats, encode_shard
-from ehrgpt.tokenizer.fit import fit_tokenizer
+from ehrgpt.tokenizer.fit import fit_from_statistics, merge_statistics, statistics_task
 from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.util import atomic
-from ehrgpt.util.progress import track
+from ehrgpt.util.engines import ENGINES, fault_point, make_engine, with_fault
+from ehrgpt.util.memory import MemoryPlan, format_size, parse_size, plan_memory
 from ehrgpt.util.urls import mask_url
 
 TOKENIZED = "tokenized"
+#: Memory the whole run may use unless --memory-limit says otherwise.
+DEFAULT_MEMORY_LIMIT = "4GB"
+#: Sources with fewer clinical rows run in this process unless --workers says otherwise.
+SMALL_SOURCE_ROWS = 1_000_000
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,12 +64,16 @@ class PrepareResult:
     vocab_size: int
     seconds: float
     quality: QualityReport
+    #: How the work ran ("local, 2 workers, 4 patient shards") and seconds per step.
+    engine: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str]]:
         """(what, value) pairs for the summary table."""
         rate = self.n_source_rows / max(self.seconds, 1e-9)
         return [
             ("run folder", str(self.run_dir)),
+            ("engine", self.engine),
             ("clinical rows read", f"{self.n_source_rows:,}"),
             ("MEDS rows written", f"{self.n_rows:,}"),
             ("subjects", f"{self.n_subjects:,}"),
@@ -90,7 +108,11 @@ def prepare(
     shard_size: int = 20_000,
     vocab_from: Path | None = None,
     meds_visit_rule: str = "day",
-    memory_limit: str = "2GB",
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    n_parts: int | None = None,
     progress: bool = True,
 ) -> PrepareResult:
     """Ingest ``source`` and write a prepared run folder at ``out`` (see module docstring).
@@ -98,6 +120,11 @@ def prepare(
     ``att_scheme`` defaults to ``day``, or to the scheme of the ``vocab_from`` tokenizer (a
     different scheme with ``vocab_from`` is an error: its time tokens would change meaning).
     With ``vocab_from``, ``min_prevalence`` applies to the codes of the new data.
+
+    ``memory_limit`` bounds the whole run (all workers): the number of patient shards and
+    DuckDB's memory follow from it, workers that do not fit are dropped when ``workers`` was
+    not given, and a run that cannot fit stops before it starts. ``n_parts`` fixes the number
+    of patient shards (tests; by default it follows from the memory limit).
     """
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -118,6 +145,11 @@ def prepare(
         raise EhrgptError(f"--att-scheme must be one of {', '.join(SCHEMES)}, not {att_scheme!r}.")
     if not 0 <= min_prevalence < 1:
         raise EhrgptError(f"--min-prevalence must be in [0, 1), not {min_prevalence}.")
+    if engine not in ENGINES:
+        raise EhrgptError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+    if workers is not None and workers < 1:
+        raise EhrgptError(f"--workers must be at least 1, not {workers}.")
+    limit = parse_size(memory_limit)
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"The output folder {out} already exists; choose another --out or pass --overwrite."
@@ -138,7 +170,11 @@ def prepare(
             shard_size=shard_size,
             base_tokenizer=base_tokenizer,
             meds_visit_rule=meds_visit_rule,
-            memory_limit=memory_limit,
+            limit=limit,
+            engine=engine,
+            workers=workers,
+            ray_address=ray_address,
+            n_parts=n_parts,
             progress=progress,
         )
         atomic.write_json(
@@ -154,10 +190,15 @@ def prepare(
                 "vocab_from": str(vocab_from) if vocab_from else None,
                 "meds_visit_rule": meds_visit_rule,
                 "memory_limit": memory_limit,
+                "engine": engine,
+                "workers": workers,
             },
         )
         atomic.write_json(tmp / "versions.json", _versions())
         shutil.rmtree(tmp / "staging", ignore_errors=True)
+        # Tasks whose worker died (killed, or stopped with a broken pool) left temporary files.
+        for folder in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+            atomic.remove_stale_tmp(folder)
         atomic.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,6 +211,33 @@ def prepare(
     return result
 
 
+def _plan(
+    limit: int, workers: int | None, source_rows: int, persons: int, shard_size: int, engine: str
+) -> MemoryPlan:
+    cores = os.cpu_count() or 1
+    if workers is None and source_rows < SMALL_SOURCE_ROWS:
+        cores = 1  # starting worker processes costs more than it saves
+    plan = plan_memory(
+        limit,
+        workers=workers or cores,
+        workers_given=workers is not None,
+        source_rows=source_rows,
+        persons=persons,
+        shard_size=shard_size,
+    )
+    log.info(
+        "prepare: %s engine, %d worker(s), %d patient shard(s), DuckDB %s per task, "
+        "estimated peak %s of --memory-limit %s",
+        engine,
+        plan.workers,
+        plan.n_parts,
+        format_size(plan.task_duckdb),
+        format_size(plan.peak),
+        format_size(limit),
+    )
+    return plan
+
+
 def _prepare_into(
     source: str,
     run: Path,
@@ -180,72 +248,121 @@ def _prepare_into(
     shard_size: int,
     base_tokenizer: EhrTokenizer | None,
     meds_visit_rule: str,
-    memory_limit: str,
+    limit: int,
+    engine: str,
+    workers: int | None,
+    ray_address: str | None,
+    n_parts: int | None,
     progress: bool,
 ) -> PrepareResult:
     quality = QualityReport()
     source_path = Path(str(source)).expanduser()
-    if str(source) != "eunomia" and source_path.is_dir() and is_meds_folder(source_path):
-        from ehrgpt.sources.meds import import_meds
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    runner = None
+    try:
+        if str(source) != "eunomia" and source_path.is_dir() and is_meds_folder(source_path):
+            from ehrgpt.sources.meds import import_meds
 
-        meds = import_meds(
-            source_path,
-            run / "meds",
-            quality,
-            seed=seed,
-            shard_size=shard_size,
-            visit_rule=meds_visit_rule,
-            progress=progress,
-        )
-    else:
-        from ehrgpt.sources.omop import open_omop
-        from ehrgpt.sources.omop_to_meds import omop_to_meds
-
-        db = open_omop(source, run / "staging", memory_limit=memory_limit)
-        try:
-            meds = omop_to_meds(
-                db,
+            # Rows guessed from the shards' sizes (about 8 bytes a row in parquet); the shards
+            # are checked by import_meds.
+            size = sum(f.stat().st_size for f in source_path.rglob("*.parquet"))
+            rows = size // 8
+            plan = _plan(limit, workers, rows, max(rows // 100, 1), shard_size, engine)
+            runner = make_engine(engine, plan.workers, ray_address=ray_address)
+            meds = import_meds(
+                source_path,
                 run / "meds",
-                run / "staging",
                 quality,
                 seed=seed,
                 shard_size=shard_size,
-                dataset_name="eunomia" if source == "eunomia" else "omop",
+                visit_rule=meds_visit_rule,
                 progress=progress,
             )
-        finally:
-            db.con.close()
-    quality.check()
+            timings["MEDS import"] = time.perf_counter() - clock
+            train = [p for p in meds.shards if p.parent.name == "train"]
+            stats = runner.map(
+                statistics_task,
+                [{"path": str(p), "seed": seed + i} for i, p in enumerate(train)],
+                description="Vocabulary",
+                progress=progress,
+            )
+        else:
+            from ehrgpt.sources.omop import open_omop
+            from ehrgpt.sources.omop_to_meds import omop_to_meds
 
-    train = [p for p in meds.shards if p.parent.name == "train"]
-    if not train:
-        raise EhrgptError(
-            f"No training subjects in {mask_url(str(source))}: the split left the train set empty."
+            db = open_omop(source, run / "staging", memory_limit=format_size(limit))
+            try:
+                source_rows = sum(
+                    i.n_rows for t, i in db.tables.items() if t not in ("person", "concept")
+                )
+                plan = _plan(
+                    limit, workers, source_rows, db.tables["person"].n_rows, shard_size, engine
+                )
+                db.con.execute(f"SET memory_limit='{format_size(plan.main_duckdb)}'")
+                runner = make_engine(engine, plan.workers, ray_address=ray_address)
+                meds = omop_to_meds(
+                    db,
+                    run / "meds",
+                    run / "staging",
+                    quality,
+                    seed=seed,
+                    shard_size=shard_size,
+                    dataset_name="eunomia" if source == "eunomia" else "omop",
+                    progress=progress,
+                    engine=runner,
+                    n_parts=n_parts or plan.n_parts,
+                    task_memory=format_size(plan.task_duckdb),
+                    statistics=True,
+                )
+            finally:
+                db.con.close()
+            stats = meds.train_statistics
+            timings.update(meds.timings)
+        quality.check()
+        clock = time.perf_counter()
+
+        if not any(p.parent.name == "train" for p in meds.shards):
+            raise EhrgptError(
+                f"No training subjects in {mask_url(str(source))}: the split left the train set "
+                "empty."
+            )
+        tokenizer, n_added = fit_from_statistics(
+            merge_statistics(stats),
+            att_scheme=att_scheme,
+            min_prevalence=min_prevalence,
+            base=base_tokenizer,
         )
-    tokenizer, n_added = fit_tokenizer(
-        train,
-        att_scheme=att_scheme,
-        min_prevalence=min_prevalence,
-        seed=seed,
-        base=base_tokenizer,
-        progress=progress,
-    )
-    tokenizer.save_pretrained(run / "tokenizer")
+        tokenizer.save_pretrained(run / "tokenizer")
+        timings["vocabulary"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+        specs = [
+            {
+                "path": str(path),
+                "tokenizer": str(run / "tokenizer"),
+                "out": str(run / TOKENIZED / path.parent.name / path.name),
+            }
+            for path in meds.shards
+        ]
+        encoded = runner.map(
+            encode_task,
+            with_fault(specs, "encode"),
+            description="Tokenizing",
+            progress=progress,
+            memory=plan.shard_task,
+        )
+        timings["tokenize"] = time.perf_counter() - clock
+        engine_text = f"{runner.name}, {plan.workers} worker(s)"
+        if "clean" in timings:
+            engine_text += f", {meds.n_parts} patient shard(s)"
+    finally:
+        if runner is not None:
+            runner.close()
 
     stats = EncodeStats()
     per_split: dict[str, EncodeStats] = {}
-    sizes = [max(p.stat().st_size, 1) for p in meds.shards]
-    for path in track(
-        meds.shards,
-        len(meds.shards),
-        "Tokenizing",
-        unit="MB",
-        weight=[s // 1_000_000 for s in sizes],
-        enabled=progress,
-    ):
-        frame = pl.read_parquet(path)
-        encoded, shard_stats = encode_shard(frame, tokenizer)
-        atomic.write_parquet(run / TOKENIZED / path.parent.name / path.name, encoded)
+    for path, shard_stats in zip(meds.shards, encoded, strict=True):
         stats.merge(shard_stats)
         per_split.setdefault(path.parent.name, EncodeStats()).merge(shard_stats)
     quality.tokens = {
@@ -278,5 +395,23 @@ def _prepare_into(
     )
     source_rows = sum(t.read for name, t in quality.tables.items() if name != "person")
     return PrepareResult(
-        run, meds.n_rows, source_rows, stats.subjects, stats.tokens, len(tokenizer), 0.0, quality
+        run,
+        meds.n_rows,
+        source_rows,
+        stats.subjects,
+        stats.tokens,
+        len(tokenizer),
+        0.0,
+        quality,
+        engine_text,
+        timings,
     )
+
+
+def encode_task(spec: dict) -> EncodeStats:
+    """Task: tokenize one MEDS shard with the run's tokenizer and write it."""
+    tokenizer = EhrTokenizer.from_pretrained(spec["tokenizer"])
+    encoded, stats = encode_shard(pl.read_parquet(spec["path"]), tokenizer)
+    fault_point(spec)
+    atomic.write_parquet(Path(spec["out"]), encoded)
+    return stats

@@ -24,24 +24,17 @@ their own time and MEDS_BIRTH its date and time. Timestamps with a time zone are
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from ehrgpt.meds_format import columns as mc
-from ehrgpt.meds_format.dataset import (
-    OMOP_CONCEPTS_FILE,
-    assign_splits,
-    shard_assignment,
-    write_metadata,
-)
 from ehrgpt.quality import QualityReport
 from ehrgpt.sources.omop import OmopDatabase
 from ehrgpt.sources.omop_tables import EVENT_TABLES
 from ehrgpt.util import atomic
-from ehrgpt.util.progress import Steps
 from ehrgpt.util.sql import sql_str
 
 #: Visit concept given to visits rebuilt from a visit id that visit_occurrence lacks.
@@ -68,6 +61,12 @@ class MedsResult:
     n_rows: int  # MEDS rows written (events, visits, person attributes, birth, death)
     n_subjects: int
     shards: list[Path]
+    #: Per training shard, in order, what the vocabulary needs (``tokenizer.fit``), when asked.
+    train_statistics: list = field(default_factory=list)
+    #: Seconds per step.
+    timings: dict = field(default_factory=dict)
+    #: Patient shards the work was split into.
+    n_parts: int = 1
 
 
 def _reason_counts(con, table: str) -> tuple[int, int, dict[str, int]]:
@@ -247,9 +246,23 @@ def attach_to_visits(con, unattached: str, visits: str) -> dict[str, int]:
     date-only, else ``t``); ``visits`` holds ``person_id, visit_id, start_time, end_time``. An
     event goes to the visit of its person whose [start, end] covers its day (the latest start,
     then the smallest id); the rest are grouped per person and day into new visits with ids
-    below every id of ``visits`` (and below 0). Makes tables ``attached (eid, visit_id)`` and
-    ``day_visits (person_id, visit_id, start_time, end_time)``; returns the counts.
+    below every id of ``visits`` (and below 0), numbered in (person, day) order. Makes tables
+    ``attached (eid, visit_id)`` and ``day_visits (person_id, visit_id, start_time,
+    end_time)``; returns the counts.
     """
+    counts = group_unattached(con, unattached, visits)
+    base = con.execute(f"SELECT least(0, coalesce(min(visit_id), 0)) FROM {visits}").fetchall()[0][
+        0
+    ]
+    number_day_visits(con, int(base))
+    con.execute("INSERT INTO attached SELECT eid, visit_id FROM day_attached")
+    return counts
+
+
+def group_unattached(con, unattached: str, visits: str) -> dict[str, int]:
+    """The first half of :func:`attach_to_visits`, local to each person: table ``attached``
+    (events given a covering visit) and ``day_groups (eid, person_id, t, t0, day_rank)``, the
+    rest with the rank of their day among the person's day groups (1, 2, ...)."""
     con.execute(f"""
         CREATE OR REPLACE TABLE attached AS
         SELECT eid, visit_id FROM (
@@ -262,19 +275,14 @@ def attach_to_visits(con, unattached: str, visits: str) -> dict[str, int]:
     con.execute(f"""
         CREATE OR REPLACE TABLE day_groups AS
         SELECT u.eid, u.person_id, u.t, u.t0,
-               (SELECT least(0, coalesce(min(visit_id), 0)) FROM {visits})
-               - dense_rank() OVER (ORDER BY u.person_id, CAST(u.t AS DATE)) AS visit_id
+               dense_rank() OVER (PARTITION BY u.person_id ORDER BY CAST(u.t AS DATE))
+                   AS day_rank
         FROM {unattached} u ANTI JOIN attached a USING (eid)
     """)
-    con.execute("""
-        CREATE OR REPLACE TABLE day_visits AS
-        SELECT person_id, visit_id, min(t0) AS start_time, max(t) AS end_time
-        FROM day_groups GROUP BY person_id, visit_id
-    """)
-    con.execute("INSERT INTO attached SELECT eid, visit_id FROM day_groups")
     n_unattached, n_grouped, n_day_visits = con.execute(
         f"SELECT (SELECT count(*) FROM {unattached}), (SELECT count(*) FROM day_groups), "
-        "(SELECT count(*) FROM day_visits)"
+        "(SELECT coalesce(sum(n), 0) FROM (SELECT max(day_rank) AS n FROM day_groups "
+        "GROUP BY person_id))"
     ).fetchall()[0]
     return {
         UNATTACHED: int(n_unattached),
@@ -282,6 +290,49 @@ def attach_to_visits(con, unattached: str, visits: str) -> dict[str, int]:
         GROUPED: int(n_grouped),
         DAY_VISITS: int(n_day_visits),
     }
+
+
+def day_group_counts(con) -> pl.DataFrame:
+    """``person_id, n``: the day groups of each person with any (after :func:`group_unattached`)."""
+    return con.sql("SELECT person_id, max(day_rank) AS n FROM day_groups GROUP BY person_id").pl()
+
+
+def day_offsets(counts: pl.DataFrame) -> pl.DataFrame:
+    """``person_id, day_offset``: the day groups of all persons with a smaller id.
+
+    >>> day_offsets(pl.DataFrame({"person_id": [7, 3], "n": [2, 4]})).rows()
+    [(3, 0), (7, 4)]
+    """
+    counts = counts.sort("person_id")
+    return counts.select(
+        "person_id", (pl.col("n").cum_sum() - pl.col("n")).cast(pl.Int64).alias("day_offset")
+    )
+
+
+def number_day_visits(con, base: int, offsets: str | None = None, *, temp: bool = False) -> None:
+    """The second half of :func:`attach_to_visits`: tables ``day_attached (eid, visit_id)`` and
+    ``day_visits``, the day groups numbered ``base - 1, base - 2, ...`` in (person, day) order.
+
+    ``offsets`` (``person_id, day_offset``, see :func:`day_offsets`) numbers them across
+    patient shards; without it the persons of ``day_groups`` are all there are.
+    """
+    kind = "TEMP TABLE" if temp else "TABLE"
+    if offsets is None:
+        con.register("_day_offsets", day_offsets(day_group_counts(con)))
+        offsets = "_day_offsets"
+    con.execute(f"""
+        CREATE OR REPLACE {kind} day_attached AS
+        SELECT g.eid, g.person_id, g.t, g.t0,
+               CAST({int(base)} - (o.day_offset + g.day_rank) AS BIGINT) AS visit_id
+        FROM day_groups g JOIN {offsets} o USING (person_id)
+    """)
+    con.execute(f"""
+        CREATE OR REPLACE {kind} day_visits AS
+        SELECT person_id, visit_id, min(t0) AS start_time, max(t) AS end_time
+        FROM day_attached GROUP BY person_id, visit_id
+    """)
+    with contextlib.suppress(Exception):
+        con.unregister("_day_offsets")
 
 
 def _rebuild_visits(con, quality: QualityReport) -> None:
@@ -310,13 +361,10 @@ def _rebuild_visits(con, quality: QualityReport) -> None:
         SELECT e.rowid AS eid, e.person_id, e.t, {t0} AS t0 FROM events e
         ANTI JOIN event_visit ev ON e.rowid = ev.eid
     """)
-    counts = attach_to_visits(con, "unattached", "visits")
+    # The day groups are numbered once the day groups of all shards are counted
+    # (omop_shards.bucket_part).
+    counts = group_unattached(con, "unattached", "visits")
     con.execute("INSERT INTO event_visit SELECT eid, visit_id FROM attached")
-    con.execute("""
-        INSERT INTO visits
-        SELECT person_id, visit_id, 0, start_time, end_time, NULL, 'grouped per person and day'
-        FROM day_visits
-    """)
     quality.visits = {
         **quality.visits,
         "rebuilt from missing visit ids": n_rebuilt,
@@ -339,7 +387,8 @@ def _code(expr: str, alias: str) -> str:
     return f"coalesce({alias}.code, '{mc.FALLBACK_CONCEPT_PREFIX}' || CAST({expr} AS VARCHAR))"
 
 
-def _meds_rows_sql() -> str:
+def meds_rows_sql(visits: str = "visits", event_visit: str = "event_visit") -> str:
+    """SQL of the MEDS rows of the persons of table ``kept``."""
     g, r, eth = mc.GENDER_PREFIX, mc.RACE_PREFIX, mc.ETHNICITY_PREFIX
     unknown = mc.UNKNOWN
 
@@ -368,11 +417,11 @@ def _meds_rows_sql() -> str:
         UNION ALL
         SELECT v.person_id, v.start_time, {attr("v.visit_concept_id", mc.VISIT_PREFIX)}, NULL,
                NULL, v.visit_id, v.end_time, 'visit_occurrence', NULL, NULL
-        FROM visits v SEMI JOIN kept k ON v.person_id = k.person_id
+        FROM {visits} v SEMI JOIN kept k ON v.person_id = k.person_id
         UNION ALL
         SELECT v.person_id, v.end_time, '{mc.DISCHARGE_PREFIX}' || CAST(v.discharge AS VARCHAR),
                NULL, NULL, v.visit_id, NULL, 'visit_occurrence', NULL, NULL
-        FROM visits v SEMI JOIN kept k ON v.person_id = k.person_id
+        FROM {visits} v SEMI JOIN kept k ON v.person_id = k.person_id
         WHERE coalesce(v.discharge, 0) <> 0
         UNION ALL
         SELECT e.person_id, e.t, {_code("e.concept_id", "c")}, CAST(e.value AS FLOAT), e.text,
@@ -380,7 +429,7 @@ def _meds_rows_sql() -> str:
                CASE WHEN coalesce(e.unit_concept, 0) <> 0 THEN {_code("e.unit_concept", "u")} END,
                CASE WHEN coalesce(e.value_concept, 0) <> 0 THEN {_code("e.value_concept", "vc")} END
         FROM events e
-        JOIN event_visit ev ON ev.eid = e.rowid
+        JOIN {event_visit} ev ON ev.eid = e.rowid
         LEFT JOIN code_map c ON c.concept_id = e.concept_id
         LEFT JOIN code_map u ON u.concept_id = e.unit_concept
         LEFT JOIN code_map vc ON vc.concept_id = e.value_concept
@@ -401,73 +450,38 @@ def omop_to_meds(
     shard_size: int = 20_000,
     dataset_name: str = "omop",
     progress: bool = True,
+    engine=None,
+    n_parts: int = 1,
+    task_memory: str = "1GB",
+    statistics: bool = False,
 ) -> MedsResult:
-    """Convert an opened OMOP source into a MEDS 0.4 folder at ``meds_dir``."""
-    con = db.con
-    quality.source = db.description
-    steps = Steps(8, "OMOP -> MEDS", enabled=progress)
-    steps.advance("persons and deaths")
-    _clean_persons(con, db, quality)
-    steps.advance("visits")
-    _clean_visits(con, db, quality)
-    steps.advance("events")
-    _clean_events(con, db, quality)
-    steps.advance("rebuilding visits")
-    _rebuild_visits(con, quality)
-    _code_tables(con)
+    """Convert an opened OMOP source into a MEDS 0.4 folder at ``meds_dir``.
 
-    steps.advance("patients and splits")
-    con.execute("""
-        CREATE OR REPLACE TABLE kept AS
-        SELECT p.* FROM persons p SEMI JOIN visits v ON p.person_id = v.person_id
-    """)
-    n_persons, n_kept = con.execute(
-        "SELECT (SELECT count(*) FROM persons), (SELECT count(*) FROM kept)"
-    ).fetchall()[0]
-    person_table = quality.tables["person"]
-    quality.patients = {
-        "in person table": person_table.read,
-        "kept": int(n_kept),
-        "dropped": {**person_table.set_aside, "no events": int(n_persons - n_kept)},
-    }
-    # Persons without any event are not used: move them from "used" to a reason.
-    person_table.used = int(n_kept)
-    if n_persons - n_kept:
-        person_table.set_aside["no events"] = int(n_persons - n_kept)
+    The work is a map over ``n_parts`` patient shards run by ``engine`` (this process by
+    default), see :mod:`ehrgpt.sources.omop_shards`; the output does not depend on either.
+    ``statistics``: also count, per training shard, what the vocabulary needs
+    (``MedsResult.train_statistics``).
+    """
+    from ehrgpt.sources import omop_shards
+    from ehrgpt.util.engines import LocalEngine
 
-    ids = con.execute("SELECT person_id FROM kept").fetchnumpy()["person_id"]
-    splits = shard_assignment(assign_splits(ids, seed=seed), shard_size)
-    con.register("split_frame", splits.to_arrow())
-    con.execute("CREATE OR REPLACE TABLE splits AS SELECT * FROM split_frame")
-    con.unregister("split_frame")
-
-    steps.advance("writing MEDS rows")
-    parts = staging / "meds_parts"
-    if parts.exists():
-        shutil.rmtree(parts)
-    con.execute(f"""
-        COPY (SELECT m.*, s.split, s.shard FROM ({_meds_rows_sql()}) m
-              JOIN splits s ON s.subject_id = m.subject_id)
-        TO {sql_str(str(parts))} (FORMAT parquet, PARTITION_BY (split, shard))
-    """)
-
-    steps.advance("sorting shards")
-    shards, n_rows = sort_partitions(parts, meds_dir / "data")
-    steps.advance("metadata")
-    codes = _codes_frame(con, parts)
-    write_metadata(
+    return omop_shards.run(
+        db,
         meds_dir,
+        staging,
+        quality,
+        engine=engine or LocalEngine(1),
+        n_parts=n_parts,
+        seed=seed,
+        shard_size=shard_size,
         dataset_name=dataset_name,
-        codes=codes,
-        splits=splits,
-        extra_columns=mc.EXTRA_COLUMNS,
+        task_memory=task_memory,
+        statistics=statistics,
+        progress=progress,
     )
-    _write_concepts(con, codes, meds_dir / "metadata" / OMOP_CONCEPTS_FILE)
-    steps.close()
-    return MedsResult(meds_dir, n_rows, int(n_kept), shards)
 
 
-def _write_concepts(con, codes: pl.DataFrame, path: Path) -> None:
+def write_concepts(con, codes: pl.DataFrame, path: Path) -> None:
     """The source's concept rows of the codes' concepts, for synthetic OMOP output (none when
     the source has no concept table)."""
     con.register("_code_ids", codes.select(pl.col("omop_concept_id").drop_nulls().unique()))
@@ -519,18 +533,20 @@ def sort_events(frame: pl.DataFrame) -> pl.DataFrame:
     cols = [c for c in mc.EVENT_SCHEMA.names if c in frame.columns]
     # A categorical code sorts as fast as an integer (lexical order is kept for ties).
     code = pl.col("code").cast(pl.Categorical)
+    # Then every other column, so that rows tied on the four keys come out in one order
+    # whatever order they came in (shards of any size, any number of workers).
+    ties = [c for c in _TIE_BREAKERS if c in frame.columns]
     return frame.select(cols).sort(
-        [pl.col("subject_id"), pl.col("time"), pl.col("visit_id"), code],
-        nulls_last=[False, False, False, False],
+        [pl.col("subject_id"), pl.col("time"), pl.col("visit_id"), code, *ties],
+        nulls_last=[False] * (4 + len(ties)),
     )
 
 
-def _codes_frame(con, parts: Path) -> pl.DataFrame:
-    rows = f"read_parquet({sql_str(str(parts / '**' / '*.parquet'))})"
-    used = con.sql(
-        f"SELECT code FROM {rows} UNION SELECT unit FROM {rows} WHERE unit IS NOT NULL "
-        f"UNION SELECT value_code FROM {rows} WHERE value_code IS NOT NULL"
-    ).pl()
+_TIE_BREAKERS = ("numeric_value", "text_value", "unit", "value_code", mc.END, "omop_table")
+
+
+def codes_frame(con, used: pl.DataFrame) -> pl.DataFrame:
+    """``codes.parquet`` rows of the ``used`` codes (``code``), named from ``code_map``."""
     cmap = (
         con.sql(
             "SELECT code, concept_name AS description, concept_id AS omop_concept_id, "

@@ -99,10 +99,19 @@ class EncodeStats:
         """A JSON-ready summary (the 10 most frequent OOV and unknown structure codes)."""
         out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Counter)}
         out["distinct_oov_codes"] = len(self.oov_codes)
-        out["top_oov_codes"] = dict(self.oov_codes.most_common(10))
+        out["top_oov_codes"] = _top(self.oov_codes)
         out["unknown_structure"] = {k: self.unknown_structure[k] for k in sorted(_UNKNOWNS)}
-        out["top_unknown_structure_codes"] = dict(self.unknown_structure_codes.most_common(10))
+        out["top_unknown_structure_codes"] = _top(self.unknown_structure_codes)
         return out
+
+
+def _top(counts: Counter, n: int = 10) -> dict[str, int]:
+    """The ``n`` most frequent codes, ties in code order (whatever order they were counted in).
+
+    >>> _top(Counter({"b": 2, "c": 1, "a": 2}), 2)
+    {'a': 2, 'b': 2}
+    """
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
 
 
 _UNKNOWNS = (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -42,29 +43,71 @@ def patient_code_counts(frame: pl.DataFrame) -> pl.DataFrame:
     return codes.unique().group_by("code").agg(pl.len().alias("n"))
 
 
-def collect_statistics(
-    shards: list[Path], *, seed: int = 0, progress: bool = True
+@dataclass
+class ShardStatistics:
+    """What one training shard gives the vocabulary: patients per code, subjects, a sample of
+    numeric values per (code, unit), and the latest event date."""
+
+    counts: Counter
+    n_subjects: int
+    sample: pl.DataFrame | None
+    last: dt.date | None
+
+
+def shard_statistics(frame: pl.DataFrame, seed: int) -> ShardStatistics:
+    """The statistics of one training shard (values sampled with ``seed``)."""
+    latest = frame["time"].max()
+    last = None
+    if latest is not None:
+        last = latest.date() if isinstance(latest, dt.datetime) else latest
+    sample = None
+    if "numeric_value" in frame.columns:
+        unit = pl.col("unit") if "unit" in frame.columns else pl.lit(None, pl.String)
+        sample = sample_values(frame.with_columns(unit.alias("unit")), seed=seed)
+    return ShardStatistics(
+        Counter(dict(patient_code_counts(frame).iter_rows())),
+        frame["subject_id"].n_unique(),
+        sample,
+        last,
+    )
+
+
+def statistics_task(spec: dict) -> ShardStatistics:
+    """:func:`shard_statistics` of the shard at ``spec["path"]`` (an engine task)."""
+    return shard_statistics(pl.read_parquet(spec["path"]), spec["seed"])
+
+
+def merge_statistics(
+    parts: list[ShardStatistics],
 ) -> tuple[Counter, int, list[pl.DataFrame], dt.date | None]:
-    """One pass over training shards: code patient counts, number of subjects, value samples,
-    and the latest event date."""
+    """Shard statistics added up, in shard order."""
     counts: Counter = Counter()
     n_subjects = 0
     samples = []
     last: dt.date | None = None
-    for i, path in enumerate(
-        track(shards, len(shards), "Vocabulary", unit="shards", enabled=progress)
-    ):
-        frame = pl.read_parquet(path)
-        n_subjects += frame["subject_id"].n_unique()
-        counts.update(dict(patient_code_counts(frame).iter_rows()))
-        latest = frame["time"].max()
-        if latest is not None:
-            day = latest.date() if isinstance(latest, dt.datetime) else latest
-            last = day if last is None else max(last, day)
-        if "numeric_value" in frame.columns:
-            unit = pl.col("unit") if "unit" in frame.columns else pl.lit(None, pl.String)
-            samples.append(sample_values(frame.with_columns(unit.alias("unit")), seed=seed + i))
+    for part in parts:
+        counts.update(part.counts)
+        n_subjects += part.n_subjects
+        if part.sample is not None:
+            samples.append(part.sample)
+        if part.last is not None:
+            last = part.last if last is None else max(last, part.last)
     return counts, n_subjects, samples, last
+
+
+def collect_statistics(
+    shards: list[Path], *, seed: int = 0, progress: bool = True
+) -> tuple[Counter, int, list[pl.DataFrame], dt.date | None]:
+    """One pass over training shards: code patient counts, number of subjects, value samples,
+    and the latest event date (shard ``i``'s values sampled with ``seed + i``)."""
+    return merge_statistics(
+        [
+            statistics_task({"path": path, "seed": seed + i})
+            for i, path in enumerate(
+                track(shards, len(shards), "Vocabulary", unit="shards", enabled=progress)
+            )
+        ]
+    )
 
 
 def fit_tokenizer(
@@ -80,9 +123,23 @@ def fit_tokenizer(
 
     Returns the tokenizer and the number of codes added.
     """
-    counts, n_subjects, samples, last = collect_statistics(
-        train_shards, seed=seed, progress=progress
+    return fit_from_statistics(
+        collect_statistics(train_shards, seed=seed, progress=progress),
+        att_scheme=att_scheme,
+        min_prevalence=min_prevalence,
+        base=base,
     )
+
+
+def fit_from_statistics(
+    statistics: tuple[Counter, int, list[pl.DataFrame], dt.date | None],
+    *,
+    att_scheme: str = "day",
+    min_prevalence: float = 0.001,
+    base: EhrTokenizer | None = None,
+) -> tuple[EhrTokenizer, int]:
+    """:func:`fit_tokenizer` from merged statistics (:func:`merge_statistics`)."""
+    counts, n_subjects, samples, last = statistics
     bins = fit_value_bins(samples)
     if base is None:
         tok = EhrTokenizer.build(
