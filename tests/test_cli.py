@@ -62,10 +62,9 @@ def test_installed_entry_point_help() -> None:
 
 def test_demo_runs_and_prints_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    # The whole chain, short: prepare, 4 training steps, 6 synthetic patients.
-    result = CliRunner().invoke(
-        main, ["demo", "--out", str(out), "--steps", "4", "--patients", "6", "--no-progress"]
-    )
+    # The whole chain, short: prepare, 4 training steps, 2 futures per label, 6 patients.
+    args = ["demo", "--out", str(out), "--steps", "4", "--patients", "6", "--samples", "2"]
+    result = CliRunner().invoke(main, [*args, "--no-progress"])
     assert result.exit_code == 0, result.output + (result.stderr or "")
     text = result.stdout
     for title in ("Data quality: Eunomia GiBleed", "Visits", "Patients", "Tokens"):
@@ -73,6 +72,9 @@ def test_demo_runs_and_prints_the_summary(tmp_path: Path) -> None:
     for title in (
         "prepare: summary",
         "train: summary",
+        "labels: summary",
+        "probe (held_out): summary",
+        "zero-shot (held_out): summary",
         "generate: summary",
         "evaluate: summary",
         "demo: summary",
@@ -84,6 +86,10 @@ def test_demo_runs_and_prints_the_summary(tmp_path: Path) -> None:
     assert read_json(run / "config.json")["source"] == "eunomia"
     assert leftovers(run) == ["prepared"]
     assert (out / "model" / "model.safetensors").exists()
+    for stage in ("labels/held_out.parquet", "probe/metrics.json", "zeroshot/calibration.png"):
+        assert (out / "gi_bleed" / stage).exists(), stage
+    zs = read_json(out / "gi_bleed" / "zeroshot" / "metrics.json")
+    assert zs["samples"] == 2 and zs["baseline"] and "zero-shot AUROC" in text
     assert (out / "synthetic" / "omop.duckdb").exists()
     written = read_json(out / "synthetic" / "generate_summary.json")["written"]
     assert written == 6
