@@ -81,7 +81,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="ehrgpt engine slots")
     ap.add_argument("--task", action="store_true", help="also time the whole zeroshot command")
     ap.add_argument("--quick", action="store_true", help="8 histories, 96 new tokens")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 keeps a "
+        "shared, oversubscribed machine from stalling both sides",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.histories, args.max_new_tokens = 8, 96
 
