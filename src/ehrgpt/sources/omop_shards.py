@@ -226,18 +226,24 @@ def bucket_part(spec: dict[str, Any]) -> pl.DataFrame:
     return used
 
 
+#: The polars schema of a MEDS shard's rows (``EVENT_SCHEMA``).
+_EVENT_FRAME_SCHEMA = pl.DataFrame(mc.EVENT_SCHEMA.empty_table()).schema
+
+
 def gather_shard(spec: dict[str, Any]) -> dict[str, Any]:
     """Task: one output shard from every patient shard's bucket, sorted, as a MEDS shard."""
     buckets = Path(spec["staging"]) / "buckets"
     where = f"split={spec['split']}/shard={spec['shard']}"
     files = [f for p in range(spec["n_parts"]) for f in _files(buckets / str(p) / where)]
-    frame = pl.read_parquet(files)
-    table = sort_events(frame).to_arrow().cast(mc.EVENT_SCHEMA)
+    frame = sort_events(pl.read_parquet(files))
+    table = frame.to_arrow().cast(mc.EVENT_SCHEMA)
     fault_point(spec)
     atomic.write_parquet(Path(spec["out"]), table)
     stats = None
     if spec.get("statistics_seed") is not None:
-        stats = shard_statistics(pl.from_arrow(table), spec["statistics_seed"])
+        if frame.schema != _EVENT_FRAME_SCHEMA:  # the rows as the shard holds them
+            frame = pl.from_arrow(table)
+        stats = shard_statistics(frame, spec["statistics_seed"])
     return {"n_rows": table.num_rows, "statistics": stats}
 
 

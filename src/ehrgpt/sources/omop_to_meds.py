@@ -78,7 +78,7 @@ def _reason_counts(con, table: str) -> tuple[int, int, dict[str, int]]:
 
 def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
     con.execute(f"""
-        CREATE OR REPLACE TABLE p_flag AS
+        CREATE OR REPLACE TEMP TABLE p_flag AS
         SELECT *, CASE
             WHEN person_id IS NULL THEN 'null person id'
             WHEN birth IS NULL THEN 'null dates'
@@ -96,7 +96,7 @@ def _clean_persons(con, db: OmopDatabase, quality: QualityReport) -> None:
     quality.add_table("person", read=read, used=used, set_aside=reasons)
 
     con.execute(f"""
-        CREATE OR REPLACE TABLE d_flag AS
+        CREATE OR REPLACE TEMP TABLE d_flag AS
         SELECT d.person_id, d.t AS death_time, CASE
             WHEN d.t IS NULL THEN 'null dates'
             WHEN p.person_id IS NULL THEN 'unknown person'
@@ -135,7 +135,7 @@ def _add_table_quality(con, db: OmopDatabase, quality: QualityReport, table: str
 
 def _clean_visits(con, db: OmopDatabase, quality: QualityReport) -> None:
     con.execute(f"""
-        CREATE OR REPLACE TABLE v_flag AS
+        CREATE OR REPLACE TEMP TABLE v_flag AS
         SELECT v.*, CASE
             WHEN v.visit_id IS NULL THEN 'null visit id'
             WHEN v.start_time IS NULL THEN 'null dates'
@@ -201,7 +201,7 @@ def _clean_events(con, db: OmopDatabase, quality: QualityReport) -> None:
                    {"value_as_string" if t.value_as_string else "NULL::VARCHAR"} AS text
             FROM omop_{t.name}""")
     con.execute(f"""
-        CREATE OR REPLACE TABLE e_flag AS
+        CREATE OR REPLACE TEMP TABLE e_flag AS
         SELECT e.*, CASE
             WHEN e.t IS NULL THEN 'null dates'
             WHEN p.person_id IS NULL THEN 'unknown person'
@@ -264,7 +264,7 @@ def group_unattached(con, unattached: str, visits: str) -> dict[str, int]:
     (events given a covering visit) and ``day_groups (eid, person_id, t, t0, day_rank)``, the
     rest with the rank of their day among the person's day groups (1, 2, ...)."""
     con.execute(f"""
-        CREATE OR REPLACE TABLE attached AS
+        CREATE OR REPLACE TEMP TABLE attached AS
         SELECT eid, visit_id FROM (
             SELECT u.eid, v.visit_id, row_number() OVER (
                 PARTITION BY u.eid ORDER BY v.start_time DESC, v.visit_id) AS rn
@@ -357,7 +357,7 @@ def _rebuild_visits(con, quality: QualityReport) -> None:
     # 2. Events without a (usable) visit id: a covering visit, or one visit per person and day
     #    of unknown type (ids below 0, never in OMOP).
     con.execute(f"""
-        CREATE OR REPLACE TABLE unattached AS
+        CREATE OR REPLACE TEMP TABLE unattached AS
         SELECT e.rowid AS eid, e.person_id, e.t, {t0} AS t0 FROM events e
         ANTI JOIN event_visit ev ON e.rowid = ev.eid
     """)

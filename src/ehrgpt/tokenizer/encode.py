@@ -271,7 +271,9 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     day of each token), ``n_tokens``, ``first_day`` (day of the first visit), ``birth_day``.
     """
     stats = EncodeStats()
-    frame = _with_extra_columns(frame)
+    # Only the columns tokens come from, so that no filter, join or sort below copies the
+    # others (text values, source tables).
+    frame = _with_extra_columns(frame).select(_USED_COLUMNS)
     persons = _persons(frame, tok, stats)
     timed = frame.filter(pl.col("time").is_not_null())
     stats.events_without_visit = timed.select(
@@ -294,6 +296,18 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     stats.tokens = int(out["n_tokens"].sum())
     stats.short_records = int((out["n_tokens"] < MIN_PRETRAIN_TOKENS).sum())
     return out, stats
+
+
+_USED_COLUMNS = (
+    mc.SUBJECT_ID,
+    mc.TIME,
+    mc.CODE,
+    mc.NUMERIC_VALUE,
+    mc.VISIT_ID,
+    mc.END,
+    mc.UNIT,
+    mc.VALUE_CODE,
+)
 
 
 def _with_extra_columns(frame: pl.DataFrame) -> pl.DataFrame:
@@ -371,8 +385,10 @@ def _visits(
     before it is moved to it (``start2``).
     """
     code, time = pl.col("code"), pl.col("time")
+    # Lazy, so that the filters copy only the columns the aggregations read.
     visit_rows = (
-        timed.filter(_IS_VISIT)
+        timed.lazy()
+        .filter(_IS_VISIT)
         .group_by("vkey")
         .agg(
             pl.col("subject_id").first(),
@@ -381,8 +397,15 @@ def _visits(
             time.min().alias("vstart"),
             pl.col("end").max().alias("vend"),
         )
+        .collect()
     )
-    discharges = timed.filter(_IS_DISCHARGE).group_by("vkey").agg(code.first().alias("discharge"))
+    discharges = (
+        timed.lazy()
+        .filter(_IS_DISCHARGE)
+        .group_by("vkey")
+        .agg(code.first().alias("discharge"))
+        .collect()
+    )
     ev_span = events.group_by("vkey").agg(
         pl.col("subject_id").first(),
         pl.col("visit_id").first(),
