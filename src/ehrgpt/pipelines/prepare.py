@@ -47,7 +47,8 @@ from ehrgpt.util.urls import mask_url
 TOKENIZED = "tokenized"
 #: Memory the whole run may use unless --memory-limit says otherwise.
 DEFAULT_MEMORY_LIMIT = "4GB"
-#: Sources with fewer clinical rows run in this process unless --workers says otherwise.
+#: Sources with fewer clinical rows run in this process (local engine) unless --workers says
+#: otherwise.
 SMALL_SOURCE_ROWS = 1_000_000
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,8 @@ def _plan(
     limit: int, workers: int | None, source_rows: int, persons: int, shard_size: int, engine: str
 ) -> MemoryPlan:
     cores = os.cpu_count() or 1
-    if workers is None and source_rows < SMALL_SOURCE_ROWS:
-        cores = 1  # starting worker processes costs more than it saves
+    if workers is None and source_rows < SMALL_SOURCE_ROWS and engine == "local":
+        cores = 1  # starting worker processes costs more than it saves (Ray: asked for)
     plan = plan_memory(
         limit,
         workers=workers or cores,
