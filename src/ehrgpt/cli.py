@@ -641,8 +641,10 @@ def finetune_cmd(
     "--task",
     "tasks",
     multiple=True,
-    help="Utility task: a shipped task name or an ACES YAML path; repeatable (default: every "
-    "shipped task, gi_bleed first; the first gives the headline TSTR and TRTR).",
+    default=("gi_bleed",),
+    show_default=True,
+    help="Utility task: a shipped task name or an ACES YAML path; repeatable (the first gives "
+    "the headline TSTR and TRTR).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --out (only on success).")
@@ -651,7 +653,7 @@ def evaluate_cmd(no_progress: bool, tasks: tuple[str, ...], **kwargs) -> None:
     """Fidelity, utility and privacy of synthetic patients: OUT/report.html, OUT/metrics.json."""
     from ehrgpt.pipelines.evaluate import evaluate
 
-    _show("evaluate", evaluate(tasks=tasks or None, progress=not no_progress, **kwargs))
+    _show("evaluate", evaluate(tasks=tasks, progress=not no_progress, **kwargs))
 
 
 if __name__ == "__main__":  # pragma: no cover
