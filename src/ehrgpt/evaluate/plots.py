@@ -128,11 +128,12 @@ def bars(
         err = None
         if intervals and name in intervals:
             ci = np.asarray(intervals[name], float).reshape(-1, 2)
-            err = np.nan_to_num(np.abs(np.stack([vals - ci[:, 0], ci[:, 1] - vals])), nan=0.0)
+            err = np.abs(np.stack([vals - ci[:, 0], ci[:, 1] - vals]))  # nan: no error bar
         x = pos + (k - (len(groups) - 1) / 2) * width
         ax.bar(x, vals, width, color=color, label=name, yerr=err, capsize=3)
     ax.axhline(0.5, color="grey", lw=1, ls="--")
-    ax.set_xticks(pos, labels)
+    long = max((len(label) for label in labels), default=0) * len(labels) > 40
+    ax.set_xticks(pos, labels, rotation=20 if long else 0, ha="right" if long else "center")
     ax.set(ylim=(0, 1), ylabel=ylabel, title=title)
     ax.legend(frameon=False)
     return _uri(fig)
