@@ -8,9 +8,9 @@ shard by shard (a subject lives in one shard), so memory follows the largest sha
 
 Labels are MEDS labels (``subject_id``, ``prediction_time``, ``boolean_value``) with the
 subject's ``split`` added from ``meds/metadata/subject_splits.parquet`` (or the shard's
-``data/<split>/`` folder). Rows that cannot be
-used are counted by reason, never dropped silently: subjects not in the data, prediction times
-before the subject's first event, missing label values.
+``data/<split>/`` folder). Rows that cannot be used are counted by reason, never dropped
+silently: subjects not in the data, prediction times before the subject's first event,
+missing label values.
 """
 
 from __future__ import annotations
