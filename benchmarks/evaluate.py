@@ -77,8 +77,10 @@ def _write(frame: pl.DataFrame, folder: Path) -> None:
         ).write_parquet(folder / f"{i // SHARD}.parquet")
 
 
-def build(base: pl.DataFrame, n: int, work: Path) -> tuple[Path, Path]:
-    """A real run folder (train, held_out) and a synthetic MEDS folder of ``n`` patients."""
+def build(base: pl.DataFrame, n: int, work: Path, codes: Path) -> tuple[Path, Path]:
+    """A real run folder (train, held_out; ``codes``: the prepared run's ``codes.parquet``,
+    which translates the tasks' OMOP concept ids) and a synthetic MEDS folder of ``n``
+    patients."""
     per = base["subject_id"].n_unique()
     c_train = -(-n // per)
     c_held = -(-(n // 5) // per)
@@ -89,6 +91,8 @@ def build(base: pl.DataFrame, n: int, work: Path) -> tuple[Path, Path]:
             _replicate(base, range(c_train, c_train + c_held), n // 5, 0.0, 0),
             real / "meds" / "data" / "held_out",
         )
+        (real / "meds" / "metadata").mkdir(parents=True)
+        shutil.copy(codes, real / "meds" / "metadata" / "codes.parquet")
         start = c_train + c_held
         _write(
             _replicate(base, range(start, start + c_train), n, 0.1, 1),
@@ -169,7 +173,7 @@ def main() -> None:
     rows = []
     cpus = ",".join(str(i) for i in range(args.cores))
     for n in [int(s) for s in args.sizes.split(",")]:
-        real, syn = build(base, n, work)
+        real, syn = build(base, n, work, run / "meds" / "metadata" / "codes.parquet")
         out = work / f"eval_{n}"
         cmd = [
             "taskset",
@@ -198,6 +202,7 @@ def main() -> None:
             "wall_s": wall,
             "peak_rss_gb": rss / 1e9,
             "stage_seconds": metrics["seconds"],
+            "utility": {k: metrics[k] for k in ("utility_task", "trtr_auroc", "tstr_auroc")},
             "nearest_neighbours": nn,
             "nn_share_of_matmul_peak": nn["blockwise_gflops"] / peak,
         }

@@ -24,6 +24,7 @@ SUBCOMMANDS = (
     "baseline",
     "finetune",
     "evaluate",
+    "zeroshot",
 )
 
 

@@ -670,7 +670,8 @@ def finetune_cmd(
     multiple=True,
     default=("gi_bleed",),
     show_default=True,
-    help="Utility task: a built-in name or OUTCOME@EXPOSURE[,EXPOSURE...][:DAYS]; repeatable.",
+    help="Utility task: a shipped task name or an ACES YAML path; repeatable (the first gives "
+    "the headline TSTR and TRTR).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --out (only on success).")

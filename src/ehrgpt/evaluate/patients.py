@@ -308,13 +308,9 @@ def code_matrix(
     index: CodeIndex,
     *,
     binary: bool = False,
-    before: pl.DataFrame | None = None,
 ) -> sp.csr_matrix:
     """Patients (rows, in ``subject_ids`` order) x codes of ``index`` (columns): event counts,
     or 0/1 with ``binary``. Codes outside the index are left out.
-
-    ``before``: a frame of ``subject_id``, ``prediction_time``; only events at or before a
-    patient's prediction time count (the history a prediction may use).
 
     >>> ev = pl.DataFrame({"subject_id": [7, 7, 7, 9], "code": ["A/1", "A/1", "B/2", "B/2"]})
     >>> code_matrix(ev, np.array([9, 7, 8]), CodeIndex.of(["A/1", "B/2"])).toarray().tolist()
@@ -324,13 +320,10 @@ def code_matrix(
         {"subject_id": np.asarray(subject_ids, dtype=np.int64)},
         schema={"subject_id": pl.Int64},
     ).with_row_index("row")
-    lf = events.lazy().filter(is_clinical())
-    if before is not None:
-        lf = lf.join(before.lazy(), on="subject_id", how="inner").filter(
-            pl.col("time") <= pl.col("prediction_time")
-        )
     counts = (
-        lf.join(index.frame().lazy(), on="code", how="inner")
+        events.lazy()
+        .filter(is_clinical())
+        .join(index.frame().lazy(), on="code", how="inner")
         .join(rows.lazy(), on="subject_id", how="inner")
         .group_by("row", "col")
         .agg(pl.len().alias("n"))

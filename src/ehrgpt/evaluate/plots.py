@@ -108,8 +108,16 @@ def distances(member: np.ndarray, nonmember: np.ndarray) -> str:
     return _uri(fig)
 
 
-def bars(labels: list[str], groups: dict[str, list[float]], *, ylabel: str, title: str) -> str:
-    """Grouped bars (e.g. TSTR and TRTR AUROC per task); nan bars are left empty."""
+def bars(
+    labels: list[str],
+    groups: dict[str, list[float]],
+    *,
+    ylabel: str,
+    title: str,
+    intervals: dict[str, list[list[float]]] | None = None,
+) -> str:
+    """Grouped bars (e.g. TSTR and TRTR AUROC per task), with ``intervals`` (per group, a
+    ``[low, high]`` per bar) as error bars; nan bars are left empty."""
     fig, ax = plt.subplots(figsize=_SIZE)
     pos = np.arange(len(labels))
     width = 0.8 / max(len(groups), 1)
@@ -117,9 +125,15 @@ def bars(labels: list[str], groups: dict[str, list[float]], *, ylabel: str, titl
         zip(groups.items(), (SYN, REAL, HELD), strict=False)
     ):
         vals = np.nan_to_num(np.asarray(values, float), nan=0.0)
-        ax.bar(pos + (k - (len(groups) - 1) / 2) * width, vals, width, color=color, label=name)
+        err = None
+        if intervals and name in intervals:
+            ci = np.asarray(intervals[name], float).reshape(-1, 2)
+            err = np.abs(np.stack([vals - ci[:, 0], ci[:, 1] - vals]))  # nan: no error bar
+        x = pos + (k - (len(groups) - 1) / 2) * width
+        ax.bar(x, vals, width, color=color, label=name, yerr=err, capsize=3)
     ax.axhline(0.5, color="grey", lw=1, ls="--")
-    ax.set_xticks(pos, labels)
+    long = max((len(label) for label in labels), default=0) * len(labels) > 40
+    ax.set_xticks(pos, labels, rotation=20 if long else 0, ha="right" if long else "center")
     ax.set(ylim=(0, 1), ylabel=ylabel, title=title)
     ax.legend(frameon=False)
     return _uri(fig)

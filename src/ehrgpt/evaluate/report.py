@@ -13,6 +13,7 @@ import numpy as np
 from ehrgpt import __version__
 from ehrgpt.evaluate import plots
 from ehrgpt.evaluate.privacy import MIA_THRESHOLD, REID_ACCEPTABLE
+from ehrgpt.evaluate.utility import HEADS, MAIN_HEAD, MIN_PER_CLASS, interval_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;
@@ -285,30 +286,48 @@ def render_html(ev) -> str:
         )
     )
 
-    util_rows, labels, tstr, trtr = [], [], [], []
+    util_rows, labels = [], []
+    bars: dict[str, list[float]] = {"TSTR": [], "TRTR": []}
+    cis: dict[str, list[list[float]]] = {"TSTR": [], "TRTR": []}
     for task, scores in ev.utility.items():
         labels.append(task)
-        tstr.append(scores["tstr"].auroc)
-        trtr.append(scores["trtr"].auroc)
         for kind, s in (("TSTR", scores["tstr"]), ("TRTR", scores["trtr"])):
-            util_rows.append(
-                [
-                    html.escape(task),
-                    kind,
-                    _fmt(s.auroc),
-                    f"{s.n_train:,} ({s.n_train_positive:,} positive)",
-                    f"{s.n_test:,} ({s.n_test_positive:,} positive)",
-                    html.escape(s.note),
-                ]
-            )
+            main = s.heads.get(MAIN_HEAD)
+            bars[kind].append(s.auroc)
+            cis[kind].append(main["auroc_ci"] if main else [float("nan")] * 2)
+            for head in [*s.heads] or ["-"]:
+                util_rows.append(
+                    [
+                        html.escape(task),
+                        f"{kind} ({s.trained_on})",
+                        head,
+                        interval_text(s.heads.get(head)),
+                        f"{s.n_train:,} ({s.n_train_positive:,} positive)",
+                        f"{s.n_test:,} ({s.n_test_positive:,} positive)",
+                        html.escape(s.note),
+                    ]
+                )
     util = [
-        "<p>A logistic regression on counts of codes before the prediction time, trained on "
-        "synthetic patients (TSTR) or on real training patients (TRTR), tested on the real "
-        "held_out patients. Good: TSTR close to TRTR.</p>",
+        "<p>Each task is an ACES task; the same task labels the real and the synthetic "
+        "patients. The count baseline of <code>ehrgpt baseline</code> (counts of each code in "
+        "the last 30 days, 365 days and all time before the prediction time, and age; "
+        f"{', '.join(HEADS)}) is trained on synthetic patients (TSTR) or on real training "
+        "patients (TRTR) and tested on the same real held_out labels: AUROC with its 95% "
+        "patient-level bootstrap interval. The headline figures are the first task's. Good: "
+        f"TSTR close to TRTR. A side with fewer than {MIN_PER_CLASS} positive or negative "
+        "training labels is not trained (the note says so).</p>",
         _table(
-            ["task", "trained on", "AUROC", "training labels", "test labels", "note"],
+            [
+                "task",
+                "trained on",
+                "head",
+                "AUROC [95% CI]",
+                "training labels",
+                "test labels",
+                "note",
+            ],
             util_rows,
-            {2},
+            {3},
         ),
     ]
     if labels:
@@ -317,13 +336,14 @@ def render_html(ev) -> str:
             + _figure(
                 plots.bars(
                     labels,
-                    {"TSTR": tstr, "TRTR": trtr},
+                    bars,
                     ylabel="AUROC",
-                    title="train on synthetic vs on real",
+                    title=f"train on synthetic vs on real ({MAIN_HEAD})",
+                    intervals=cis,
                 ),
                 "utility bars",
-                "AUROC on real held_out patients; dashed line: chance. Good: orange as high "
-                "as blue.",
+                "AUROC on real held_out patients, with 95% intervals; dashed line: chance; "
+                "an empty bar could not be trained. Good: orange as high as blue.",
             )
             + "</div>"
         )

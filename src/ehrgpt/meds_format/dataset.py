@@ -119,6 +119,19 @@ def write_metadata(
     )
 
 
+def meds_folder(path: Path) -> Path:
+    """The MEDS folder of a prepared run (``RUN/meds``), or ``path`` itself when it is one
+    (``ehrgpt generate`` output's ``meds/``, any MEDS dataset).
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp()); (run / "meds" / "data").mkdir(parents=True)
+    >>> meds_folder(run) == run / "meds", meds_folder(run / "meds") == run / "meds"
+    (True, True)
+    """
+    path = Path(path)
+    return path / "meds" if (path / "meds" / "data").is_dir() else path
+
+
 def data_shards(meds_dir: Path) -> list[Path]:
     """All data shards of a MEDS folder, in a stable order.
 

@@ -62,6 +62,7 @@ def demo(
     from ehrgpt.pipelines.train import train
     from ehrgpt.pipelines.zeroshot import zeroshot
     from ehrgpt.represent.evaluate import metric_text
+    from ehrgpt.tasks import shipped_tasks
 
     out = Path(out)
     result = DemoResult(out)
@@ -164,6 +165,8 @@ def demo(
         out / "prepared",
         out / "synthetic",
         out / "evaluation",
+        # Every shipped task (cheap at Eunomia's size), GI bleed (the headline) first.
+        tasks=("gi_bleed", *(t for t in shipped_tasks() if t != "gi_bleed")),
         seed=seed,
         overwrite=True,
         progress=progress,
@@ -173,6 +176,10 @@ def demo(
     result.headlines += [
         ("evaluate: prevalence r", _fmt(m.get("prevalence_pearson"))),
         ("evaluate: real-vs-synthetic AUROC", _fmt(m.get("discriminator_auroc"))),
+        (
+            f"evaluate: TSTR / TRTR AUROC ({m.get('utility_task')})",
+            f"{_fmt(m.get('tstr_auroc'))} / {_fmt(m.get('trtr_auroc'))}",
+        ),
         ("evaluate: membership inference AUC", _fmt(m.get("mia_auc"))),
         ("evaluate: exact copies", _fmt(m.get("exact_copy_rate"))),
         ("report", str(out / "evaluation" / "report.html")),

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrgpt.meds_format.dataset import data_shards
+from ehrgpt.meds_format.dataset import data_shards, meds_folder
 from ehrgpt.tokenizer.encode import encode_shard
 from ehrgpt.tokenizer.vocab import VS, EhrTokenizer
 from ehrgpt.training.data import prompt_ids
@@ -157,9 +157,12 @@ def encode_histories(
 def plan_chunks(
     run_dir: Path, labels: pl.DataFrame, chunk_size: int = 1024
 ) -> list[tuple[Path, pl.DataFrame]]:
-    """(MEDS shard, labels of its subjects) in chunks of at most ``chunk_size`` labels."""
+    """(MEDS shard, labels of its subjects) in chunks of at most ``chunk_size`` labels.
+
+    ``run_dir``: a prepared run or a MEDS folder (:func:`ehrgpt.meds_format.dataset.meds_folder`).
+    """
     plan = []
-    for shard in data_shards(Path(run_dir) / "meds"):
+    for shard in data_shards(meds_folder(run_dir)):
         subjects = pl.read_parquet(shard, columns=["subject_id"])["subject_id"].unique()
         mine = labels.filter(pl.col("subject_id").is_in(subjects.implode()))
         plan += [(shard, mine.slice(i, chunk_size)) for i in range(0, mine.height, chunk_size)]

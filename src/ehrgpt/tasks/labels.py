@@ -1,4 +1,5 @@
-"""Labels from an ACES task on a prepared run, or from a user's label parquet.
+"""Labels from an ACES task on a prepared run (or any MEDS folder), or from a user's label
+parquet.
 
 A task is a shipped name (:func:`ehrgpt.tasks.shipped_tasks`) or the path of an ACES YAML. Its
 predicate codes may be OMOP concept ids (``code: 192671``) or the data's MEDS codes
@@ -6,9 +7,10 @@ predicate codes may be OMOP concept ids (``code: 192671``) or the data's MEDS co
 shard by shard (a subject lives in one shard), so memory follows the largest shard.
 
 Labels are MEDS labels (``subject_id``, ``prediction_time``, ``boolean_value``) with the
-subject's ``split`` added from ``meds/metadata/subject_splits.parquet``. Rows that cannot be
-used are counted by reason, never dropped silently: subjects not in the data, prediction times
-before the subject's first event, missing label values.
+subject's ``split`` added from ``meds/metadata/subject_splits.parquet`` (or the shard's
+``data/<split>/`` folder). Rows that cannot be used are counted by reason, never dropped
+silently: subjects not in the data, prediction times before the subject's first event,
+missing label values.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import polars as pl
 
 from ehrgpt.errors import EhrgptError
-from ehrgpt.meds_format.dataset import data_shards
+from ehrgpt.meds_format.dataset import data_shards, meds_folder
 from ehrgpt.tasks import shipped_tasks
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def translate_codes(spec: Any, id_to_code: dict[int, str], known: set[str]) -> A
 
 
 def _codes(run_dir: Path) -> pl.DataFrame:
-    path = Path(run_dir) / "meds" / "metadata" / "codes.parquet"
+    path = meds_folder(run_dir) / "metadata" / "codes.parquet"
     if not path.exists():
         return pl.DataFrame(schema={"code": pl.String, "omop_concept_id": pl.Int64})
     frame = pl.read_parquet(path)
@@ -110,7 +112,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_task(path: Path, run_dir: Path):
-    """Read an ACES YAML, translate concept ids, and let ACES check it.
+    """Read an ACES YAML, translate concept ids (with ``run_dir``'s codes), and let ACES check it.
 
     Returns the ACES ``TaskExtractorConfig``. A YAML that cannot be read, or that ACES rejects,
     raises :class:`EhrgptError` naming the file (and ACES's reason, which names the field).
@@ -176,22 +178,26 @@ def _predicate_rows(cfg, shards: list[Path]) -> dict[str, int]:
 
 
 def splits_of(run_dir: Path) -> pl.DataFrame:
-    """``subject_id, split`` of every subject of a prepared run (from its MEDS metadata)."""
-    path = Path(run_dir) / "meds" / "metadata" / "subject_splits.parquet"
+    """``subject_id, split`` of every subject of a prepared run or MEDS folder: from its
+    metadata, else from the shards' ``data/<split>/`` folders (a shard right under ``data/``
+    is ``train``)."""
+    meds_dir = meds_folder(run_dir)
+    path = meds_dir / "metadata" / "subject_splits.parquet"
     if path.exists():
         return pl.read_parquet(path, columns=["subject_id", "split"]).cast(
             {"subject_id": pl.Int64, "split": pl.String}
         )
     parts = []
-    for shard in data_shards(Path(run_dir) / "meds"):
-        split = shard.relative_to(Path(run_dir) / "meds" / "data").parts[0]
+    for shard in data_shards(meds_dir):
+        inner = shard.relative_to(meds_dir / "data").parts
+        split = inner[0] if len(inner) > 1 else "train"
         ids = pl.read_parquet(shard, columns=["subject_id"]).unique()
         parts.append(ids.with_columns(pl.lit(split).alias("split")))
     return pl.concat(parts).cast({"subject_id": pl.Int64})
 
 
 def _first_times(run_dir: Path) -> pl.DataFrame:
-    shards = data_shards(Path(run_dir) / "meds")
+    shards = data_shards(meds_folder(run_dir))
     return (
         pl.scan_parquet(shards, extra_columns="ignore", missing_columns="insert")
         .filter(pl.col("time").is_not_null() & (pl.col("code") != "MEDS_BIRTH"))
@@ -240,25 +246,30 @@ def check_labels(frame: pl.DataFrame, run_dir: Path, *, source: str = "labels") 
     return Labels(frame, dropped={k: v for k, v in dropped.items() if v})
 
 
-def extract_labels(run_dir: Path, task: str | Path) -> Labels:
-    """Run an ACES task on a prepared run's MEDS data, shard by shard."""
+def extract_labels(run_dir: Path, task: str | Path, *, vocabulary: Path | None = None) -> Labels:
+    """Run an ACES task on a prepared run's (or a MEDS folder's) data, shard by shard.
+
+    ``vocabulary``: the run or MEDS folder whose ``metadata/codes.parquet`` translates the
+    task's OMOP concept ids (default ``run_dir``); synthetic patients are labelled with the
+    task as translated for the real run they imitate, so both sides get the same task.
+    """
     from aces.predicates import get_predicates_df
     from aces.query import query
     from omegaconf import DictConfig
 
     name, path = resolve_task(task)
-    cfg = load_task(path, run_dir)
-    shards = data_shards(Path(run_dir) / "meds")
+    cfg = load_task(path, run_dir if vocabulary is None else vocabulary)
+    shards = data_shards(meds_folder(run_dir))
     rows = _predicate_rows(cfg, shards)
     for pred, count in rows.items():
         if count == 0:
             code = cfg.plain_predicates[pred].code
             log.warning(
-                "Task %s: predicate %r (code %s) matches 0 rows of %s/meds.",
+                "Task %s: predicate %r (code %s) matches 0 rows of %s.",
                 path,
                 pred,
                 code,
-                run_dir,
+                meds_folder(run_dir),
             )
     parts = []
     for shard in shards:
