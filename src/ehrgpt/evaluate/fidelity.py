@@ -74,6 +74,23 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def summary_quantiles(x: np.ndarray) -> dict[str, float]:
+    """Median, 90th percentile and maximum of a sample (nan when empty).
+
+    >>> summary_quantiles(np.arange(1.0, 11.0))
+    {'median': 5.5, 'p90': 9.1, 'max': 10.0}
+    """
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return {"median": float("nan"), "p90": float("nan"), "max": float("nan")}
+    return {
+        "median": float(np.median(x)),
+        "p90": round(float(np.quantile(x, 0.9)), 10),
+        "max": float(x.max()),
+    }
+
+
 def prevalence(binary: sp.csr_matrix) -> np.ndarray:
     """Share of patients (rows) that have each code (column).
 

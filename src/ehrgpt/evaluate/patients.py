@@ -101,7 +101,8 @@ def read_events(shards: Sequence[Path]) -> pl.DataFrame:
 
 def summarise_people(events: pl.DataFrame) -> pl.DataFrame:
     """One row per patient: gender, race, birth, first visit, age and year then, visits,
-    clinical events, and ``sequence_hash`` (the ordered clinical codes, hashed).
+    clinical events, ``sequence_hash`` (the ordered clinical codes, hashed), and the last
+    clinical event with the age then (``age_last``, exact years).
 
     The first visit is the earliest ``VISIT/`` row, or the earliest clinical event when a
     dataset has no visit rows. Age is whole years at the first visit.
@@ -116,6 +117,8 @@ def summarise_people(events: pl.DataFrame) -> pl.DataFrame:
     >>> p = summarise_people(ev)
     >>> p.select("gender", "race", "age", "first_year", "n_visits", "n_events").row(0)
     ('GENDER/8532', 'RACE/UNKNOWN', 49, 2000, 2, 2)
+    >>> round(p["age_last"][0], 2)
+    50.59
     """
     ev = events.lazy()
     static = (
@@ -142,6 +145,7 @@ def summarise_people(events: pl.DataFrame) -> pl.DataFrame:
             .alias("first_visit_row"),
             (pl.col("code").str.starts_with(mc.VISIT_PREFIX)).sum().alias("n_visits"),
             pl.col("time").filter(is_clinical()).min().alias("first_event"),
+            pl.col("time").filter(is_clinical()).max().alias("last_event"),
         )
         .join(
             clinical.sort("subject_id", "time", "code", nulls_last=False)
@@ -169,6 +173,7 @@ def summarise_people(events: pl.DataFrame) -> pl.DataFrame:
             _whole_years(pl.col("birth"), pl.col("first_visit")).alias("age"),
             pl.col("first_visit").dt.year().alias("first_year"),
             (age_days / 365.25).alias("age_exact"),
+            ((pl.col("last_event") - pl.col("birth")).dt.total_days() / 365.25).alias("age_last"),
         )
         .drop("first_visit_row", "first_event")
         .sort("subject_id")
@@ -275,6 +280,36 @@ def clinical_code_counts(events: pl.DataFrame) -> pl.DataFrame:
         .sort("code")
         .collect()
     )
+
+
+def tokens_per_patient(shards: Sequence[Path], tok) -> pl.DataFrame:
+    """Tokens of each patient of MEDS shards as the tokenizer ``tok`` encodes them (the
+    encoding of ``ehrgpt prepare``): ``subject_id``, ``n_tokens``.
+
+    >>> import datetime as dt, tempfile
+    >>> from ehrgpt.tokenizer.vocab import EhrTokenizer
+    >>> tok = EhrTokenizer.build("day", code_counts={"SNOMED/1": 1, "VISIT/9202": 1},
+    ...                          n_subjects=1)
+    >>> shard = Path(tempfile.mkdtemp()) / "0.parquet"
+    >>> pl.DataFrame({"subject_id": [1, 1, 1, 1],
+    ...     "time": [None, dt.datetime(1950, 6, 1), dt.datetime(2000, 5, 1),
+    ...              dt.datetime(2000, 5, 1)],
+    ...     "code": ["GENDER/8532", "MEDS_BIRTH", "VISIT/9202", "SNOMED/1"],
+    ...     "visit_id": [None, None, 7, 7]}).write_parquet(shard)
+    >>> tokens_per_patient([shard], tok).rows()  # year age gender race [VS] visit code [VE]
+    [(1, 8)]
+    """
+    from ehrgpt.tokenizer.encode import encode_shard
+
+    frames = [
+        encode_shard(pl.read_parquet(shard), tok)[0].select(
+            "subject_id", pl.col("n_tokens").cast(pl.Int64)
+        )
+        for shard in shards
+    ]
+    if not frames:
+        return pl.DataFrame(schema={"subject_id": pl.Int64, "n_tokens": pl.Int64})
+    return pl.concat(frames).sort("subject_id")
 
 
 @dataclass(frozen=True)
