@@ -235,7 +235,11 @@ def main() -> None:
     ap.add_argument("--shift-n", type=int, default=256, help="patients per side ('0' = skip)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--train-only", action="store_true", help="train the models, then stop")
+    ap.add_argument("--plot", type=Path, help="only draw the curve of the saved results (PNG)")
     args = ap.parse_args()
+    if args.plot:
+        plot(_load_results(), args.plot)
+        return
     settings = [Setting.parse(t) for t in args.settings.split(",") if t]
 
     from ehrgpt.evaluate.patients import Cohort, real_splits
@@ -253,7 +257,11 @@ def main() -> None:
     real = Cohort.from_shards("train", real_splits(data)[1]["train"])
     real_tokens = pl.read_parquet(data / "tokenized" / "train" / "*.parquet")["n_tokens"].to_numpy()
     results = _load_results()
-    results["machine"] = {"cores": os.cpu_count(), "load_at_start": os.getloadavg()}
+    results["machine"] = {
+        "cores": os.cpu_count(),
+        "torch_threads": __import__("torch").get_num_threads(),
+        "load_at_start": os.getloadavg(),
+    }
     for s in settings:
         print(f"== {s.name}: generate {args.n}", file=sys.stderr, flush=True)
         gen = generate_patients(args.work, s, args.n)
@@ -298,6 +306,50 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1, default=_json))
     print(f"results: {RESULTS}")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Prevalence r (dashed: the 0.99 target) and synthetic / real of the medians and p90s
+    (band: the 10% target) against training steps, one line per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wanted = [
+        ("prevalence r", "prevalence r"),
+        ("tokens per patient median", "tokens/patient median"),
+        ("tokens per patient p90", "tokens/patient p90"),
+        ("age at last event median", "age at last event median"),
+        ("age at last event p90", "age at last event p90"),
+    ]
+    fig, axes = plt.subplots(1, len(wanted), figsize=(3.2 * len(wanted), 3.2), sharey=True)
+    by_shape: dict[str, list[tuple[int, dict]]] = {}
+    for name, r in results.get("settings", {}).items():
+        shape, steps = name.split("@")
+        targets = {t["target"].split(" (")[0]: t for t in r["targets"]}
+        by_shape.setdefault(shape, []).append((int(steps), targets))
+    for ax, (key, title) in zip(axes, wanted, strict=True):
+        if key == "prevalence r":
+            ax.axhline(R_TARGET, color="0.5", lw=0.8, ls="--")
+        else:
+            ax.axhspan(1 - TOLERANCE, 1 + TOLERANCE, color="0.9")
+            ax.axhline(1.0, color="0.5", lw=0.8)
+        for shape, points in sorted(by_shape.items()):
+            points.sort()
+            ys = [
+                t[key]["synthetic"] / t[key]["real"] if t[key]["real"] else float("nan")
+                for _, t in points
+            ]
+            ax.plot([p[0] for p in points], ys, "o-", label=shape)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training steps")
+    axes[0].set_ylabel("synthetic / real")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def _load_results() -> dict:
