@@ -346,6 +346,35 @@ def test_mask_logits_matches_the_masks() -> None:
         assert bool(torch.isneginf(out[:, len(tok) :]).all())
 
 
+def test_visit_end_inside_an_inpatient_stay_becomes_its_discharge() -> None:
+    """Inside an inpatient stay the grammar refuses ``[VE]`` (the discharge comes first); the
+    probability a model gives ``[VE]`` there goes to the discharge tokens, not to more events
+    (an under-trained model that wants to close the stay otherwise writes stays of months)."""
+    grammar = GRAMMARS["day"]
+    tok = grammar.tok
+    ve = tok.token_to_id["[VE]"]
+    discharges = [i for i, t in enumerate(tok.tokens) if t.startswith("DISCHARGE/")]
+    stay = [*PROMPT, "[VS]", "VISIT/9201", "SNOMED/1"]
+    visit = [*PROMPT, "[VS]", "VISIT/9202", "SNOMED/1"]
+    state = grammar.start(2, [_ids(tok, stay), _ids(tok, visit)])
+    logits = torch.zeros(2, len(tok))
+    logits[:, ve] = 12.0  # the model wants the visit to end
+    logits[:, discharges[0]] = 1.0
+    probs = grammar.mask_logits(logits, state).softmax(-1)
+    assert probs[0, ve] == 0
+    assert probs[0, discharges].sum() > 0.9  # the stay closes
+    # ... in proportion to the discharges' own probabilities
+    assert torch.isclose(
+        probs[0, discharges[0]] / probs[0, discharges[1]], torch.tensor(torch.e), rtol=1e-4
+    )
+    # Outside an inpatient stay nothing changes; a model that never wants [VE] there neither.
+    plain = logits.masked_fill(~grammar.allowed(state), float("-inf"))
+    assert torch.equal(grammar.mask_logits(logits, state)[1], plain[1])
+    logits[:, ve] = float("-inf")
+    plain = logits.masked_fill(~grammar.allowed(state), float("-inf"))
+    assert torch.equal(grammar.mask_logits(logits, state), plain)
+
+
 # -- (c) invalid prefixes -------------------------------------------------------------------
 
 V = [*PROMPT, "[VS]", "VISIT/9202", "SNOMED/1", "[VE]"]  # a whole valid first visit (8 tokens)

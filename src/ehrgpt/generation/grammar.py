@@ -408,6 +408,14 @@ class TimelineGrammar:
         self.complete_table[[S.BETWEEN, S.DEAD, S.DONE]] = True
         self.charge_table, self.need_table, self.visit_charge = _time_tables(tok, kinds)
         self.vs_id = tok.token_to_id[VS]
+        self.ve_id = tok.token_to_id[VE]
+        #: Discharge tokens, and the states (inside an inpatient stay) where the probability of
+        #: a refused ``[VE]`` goes to them (see :meth:`mask_logits`).
+        self.discharge_ids = torch.tensor(
+            [i for i, k in enumerate(kinds) if k in ("discharge", "died")], dtype=torch.long
+        )
+        self.stay_table = torch.zeros(n_states, dtype=torch.bool)
+        self.stay_table[[S.IN, S.IN_CODE, S.IN_BIN]] = True
         self.device = torch.device("cpu")
         if device is not None:
             self.to(device)
@@ -426,6 +434,8 @@ class TimelineGrammar:
         "charge_table",
         "need_table",
         "visit_charge",
+        "discharge_ids",
+        "stay_table",
     )
 
     def to(self, device: torch.device | str) -> TimelineGrammar:
@@ -632,7 +642,13 @@ class TimelineGrammar:
         remaining: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``logits`` ``[B, V']`` with refused tokens set to ``-inf`` (columns past the
-        vocabulary too, for a model whose output is padded to a larger size)."""
+        vocabulary too, for a model whose output is padded to a larger size).
+
+        Inside an inpatient stay ``[VE]`` is refused because the stay closes with its
+        discharge first; the probability the model gives ``[VE]`` there goes to the discharge
+        tokens, in proportion to theirs (:meth:`fold_stay_end`), so a model that wants the
+        stay to end ends it instead of writing more events into it."""
+        logits = self.fold_stay_end(logits, state)
         key = (logits.dtype, logits.device)
         if key not in self._bias:
             bias = torch.zeros(self._closing_flat.shape, dtype=logits.dtype, device=logits.device)
@@ -644,6 +660,18 @@ class TimelineGrammar:
             extra = logits.shape[-1] - self.vocab_size
             out = torch.nn.functional.pad(out, (0, extra), value=-torch.inf)
         return out.add_(logits)
+
+    def fold_stay_end(self, logits: torch.Tensor, state: GrammarState) -> torch.Tensor:
+        """``logits`` where, in rows inside an inpatient stay, each discharge token's
+        probability ``p_d`` becomes ``p_d * (1 + p([VE]) / sum(p_discharge))``: the discharges
+        take ``[VE]``'s share (a no-op for a model that gives ``[VE]`` nothing there)."""
+        if not len(self.discharge_ids):
+            return logits
+        disc = logits.index_select(1, self.discharge_ids)
+        gain = torch.nn.functional.softplus(logits[:, self.ve_id] - torch.logsumexp(disc, dim=-1))
+        rows = self.stay_table.index_select(0, state.state) & torch.isfinite(gain)
+        gain = torch.where(rows, gain, torch.zeros_like(gain))
+        return logits.index_add(1, self.discharge_ids, gain[:, None].expand_as(disc).contiguous())
 
 
 __all__ = ["GrammarError", "GrammarState", "S", "TimelineGrammar"]
