@@ -369,6 +369,9 @@ def plot(results: dict, path: Path) -> None:
             ]
             ax.plot([p[0] for p in points], ys, "o-", label=shape)
         ax.set_xscale("log")
+        ticks = sorted({p[0] for points in by_shape.values() for p in points})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training steps")
     axes[0].set_ylabel("synthetic / real")

@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Training steps of the demo's tiny model.
-DEMO_STEPS = 300
+#: Training steps of the demo's tiny model, and what it changes in the tiny preset: a context
+#: of 1024 holds every Eunomia record (p99 652 tokens, longest 892), in rows of 1024, 2 a step
+#: (as many tokens a step as tiny's 4 x 512). Chosen from the curve in benchmarks/README.md
+#: ("Whole lives"): the best fidelity that trains within about 9 minutes on 2 quiet cores.
+DEMO_STEPS = 1000
+DEMO_TRAIN = {"max_position_embeddings": 1024, "tokens_per_row": 1024, "rows_per_batch": 2}
 #: Synthetic patients the demo generates.
 DEMO_PATIENTS = 200
 #: The demo's prediction task and futures per label of its zero-shot stage.
@@ -82,6 +86,7 @@ def demo(
         seed=seed,
         resume=False,
         progress=progress,
+        **DEMO_TRAIN,
     )
     show("train", trained)
     result.headlines.append(
