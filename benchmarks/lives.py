@@ -22,7 +22,7 @@ Models and synthetic patients are kept under ``--work`` and reused by a later ru
 setting's folders to redo it); results go to ``benchmarks/results/lives.json``.
 
     nice -n 5 .venv/bin/python benchmarks/lives.py --work /work/lives-runs \\
-        --settings tiny@300,tiny@1000,tiny@3000,ctx1024@3000 [--n 1000] [--shift-n 256]
+        --settings tiny@300,tiny@1000,tiny@2000,ctx1024@1000 [--n 1000] [--shift-n 256]
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def shift_cost(work: Path, s: Setting, data: Path, n: int, batch: int) -> list[d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("runs/lives"))
-    ap.add_argument("--settings", default="tiny@300,tiny@1000,tiny@3000,ctx1024@3000")
+    ap.add_argument("--settings", default="tiny@300,tiny@1000,tiny@2000,ctx1024@1000")
     ap.add_argument("--n", type=int, default=1000, help="synthetic patients per setting")
     ap.add_argument("--shift-n", type=int, default=256, help="patients per side ('0' = skip)")
     ap.add_argument("--batch", type=int, default=64)
