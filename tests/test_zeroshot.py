@@ -308,6 +308,7 @@ def test_scripted_futures_give_the_known_risk(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["unresolved_share"] == unresolved
     assert result.results[result.main]["n_rows"] == risks.height
+    assert result.task == "gi_bleed"  # labels given with --task are named after the task
     if unresolved:  # every future counted: 3 per label, none dropped
         assert metrics["futures_by_finish"]["budget"] == 3 * risks.height
 

@@ -114,6 +114,7 @@ def demo(
         out / "model",
         out / "prepared",
         task_dir / "probe",
+        task=DEMO_TASK,
         labels=task_dir / "labels",
         baseline=False,
         seed=seed,

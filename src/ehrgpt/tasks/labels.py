@@ -329,9 +329,13 @@ def write_labels(labels: Labels, folder: Path) -> None:
 def labels_for(
     run_dir: Path, *, task: str | Path | None = None, labels: Path | None = None
 ) -> Labels:
-    """Labels from ``--labels`` (a parquet file or folder) or made from ``--task``."""
+    """Labels from ``--labels`` (a parquet file or folder) or made from ``--task``; given
+    both, the labels are read and named after the task."""
     if labels is not None:
-        return read_labels(Path(labels), run_dir)
+        found = read_labels(Path(labels), run_dir)
+        if task is not None:
+            found.task = resolve_task(task)[0]
+        return found
     if task is None:
         raise EhrgptError("Give --task (a shipped task name or an ACES YAML) or --labels.")
     return extract_labels(run_dir, task)
