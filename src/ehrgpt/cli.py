@@ -181,6 +181,23 @@ def prepare_cmd(no_progress: bool, **kwargs) -> None:
     _run_prepare(progress=not no_progress, **kwargs)
 
 
+def _with(options):
+    def wrap(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+#: How tokens are drawn: ``generate`` and ``zeroshot``.
+_sampling_opts = [
+    click.option("--temperature", type=float, default=1.0, show_default=True),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+    click.option("--top-p", type=float, default=1.0, show_default=True),
+]
+
+
 @main.command("demo")
 @config_option
 @click.option(
@@ -256,9 +273,7 @@ def demo_cmd(
     help="meds, omop-duckdb, omop-parquet, omop-csv, or a postgresql:// URL "
     "(?schema=...). MEDS is always written too.",
 )
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@_with(_sampling_opts)
 @click.option(
     "--max-tokens-per-patient",
     "--max-new-tokens",
@@ -457,15 +472,6 @@ _common_opts = [
 ]
 
 
-def _with(options):
-    def wrap(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return wrap
-
-
 @main.command("labels")
 @config_option
 @_data_opt
@@ -557,9 +563,7 @@ def probe_cmd(
     help="Unresolved futures count as no hit, or get more tokens (up to --extend-cap).",
 )
 @click.option("--extend-cap", type=int, default=None, help="Token cap of --unresolved extend.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@_with(_sampling_opts)
 @click.option(
     "--split",
     type=click.Choice(["held_out", "tuning", "train", "all"]),

@@ -333,8 +333,9 @@ class Engine:
 
         def finish(r: int, reason: str, ids: list[int]) -> Generated:
             nonlocal finished
-            out = Generated(index[r], ids, n_prompt[r], reason, shifts=shifts[r])
-            out.sample = sample_of[r]
+            out = Generated(
+                index[r], ids, n_prompt[r], reason, shifts=shifts[r], sample=sample_of[r]
+            )
             self.stats.shifted_sequences += shifts[r] > 0
             index[r] = -1
             finished += 1
