@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,5 +132,68 @@ def test_ray_engine_writes_the_same_bytes_and_redoes_a_killed_task(
         ray.shutdown()
     assert result.engine == "ray, 2 worker(s), 3 patient shard(s)"
     assert marker.exists(), "the Ray worker was not killed"
+    assert run_bytes(out) == reference
+    assert leftovers(out) == ["run"]
+
+
+def _crash(sample_db: Path, out: Path, fault: str, **options) -> None:
+    """prepare in a child process that is killed (SIGKILL) in the middle of a task."""
+    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    code = (
+        "from ehrgpt.pipelines.prepare import prepare\n"
+        f"prepare({str(sample_db)!r}, {str(out)!r}, workers=1, n_parts=3, shard_size=100, "
+        f"progress=False, {args})"
+    )
+    env = {**os.environ, FAULT_ENV: fault}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stage", ["gather", "encode"])
+def test_a_crashed_prepare_resumes_from_its_finished_shards(
+    stage: str,
+    sample_db: Path,
+    reference: dict[str, bytes],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kill -9 of prepare itself half-way through task 1 of a stage; --resume runs only what
+    had not finished and writes the same bytes; the work folder is gone afterwards."""
+    out = tmp_path / "run"
+    _crash(sample_db, out, f"{stage}:1:{tmp_path / 'killed'}")
+    partial = out.with_name(".run.partial")
+    assert leftovers(out) == [".run.partial"]
+    assert (partial / "resume.json").exists() and list((partial / "journal").rglob("*.pkl"))
+    with caplog.at_level(logging.INFO):
+        result = prepare(
+            str(sample_db), out, workers=1, n_parts=3, shard_size=100, resume=True, progress=False
+        )
+    assert "resuming the unfinished run" in caplog.text
+    # shuffle + 3 clean + 3 bucket + the gather tasks finished before the kill (+ all gathers
+    # and the first encode task when the kill came while tokenizing)
+    n_gather = len([n for n in reference if n.startswith("meds/data/")])
+    expected = 7 + (1 if stage == "gather" else n_gather + 1)
+    assert result.resumed == expected
+    got = run_bytes(out)
+    assert [n for n in sorted(set(got) | set(reference)) if got.get(n) != reference.get(n)] == []
+    assert leftovers(out) == ["run"]
+
+
+def test_a_crashed_run_is_removed_or_refused_with_other_options(
+    sample_db: Path, reference: dict[str, bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--resume with another seed names the difference and keeps the work folder; a run
+    without --resume removes it (saying how big it was) and starts over."""
+    out = tmp_path / "run"
+    _crash(sample_db, out, f"bucket:2:{tmp_path / 'killed'}")
+    partial = out.with_name(".run.partial")
+    journal = sorted(p.name for p in partial.rglob("*.pkl"))
+    with pytest.raises(EhrgptError, match=r"other inputs \(seed: 0 then, 1 now\)"):
+        prepare(str(sample_db), out, workers=1, n_parts=3, shard_size=100, seed=1, resume=True)
+    assert sorted(p.name for p in partial.rglob("*.pkl")) == journal
+    with caplog.at_level(logging.WARNING):
+        result = prepare(str(sample_db), out, workers=1, n_parts=3, shard_size=100, progress=False)
+    assert "removing the unfinished run an earlier prepare left" in caplog.text
+    assert result.resumed == 0
     assert run_bytes(out) == reference
     assert leftovers(out) == ["run"]

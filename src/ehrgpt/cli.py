@@ -174,6 +174,12 @@ def _run_prepare(**kwargs) -> None:
     default=None,
     help="An existing Ray cluster ('auto', 'ray://host:10001'); none starts a local one.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue a crashed run of the same command from its finished shards (kept in "
+    ".OUT.partial beside --out); without it such a folder is removed first.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only on success).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prepare_cmd(no_progress: bool, **kwargs) -> None:

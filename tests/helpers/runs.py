@@ -79,13 +79,15 @@ def assert_quality_adds_up(report: dict) -> None:
 
 
 def leftovers(out: Path) -> list[str]:
-    """The run folder and any temporary sibling (``.NAME.tmp-*``, ``.NAME.old-*``) that exist."""
+    """The run folder and any work sibling (``.NAME.tmp-*``, ``.NAME.old-*``,
+    ``.NAME.partial``) that exist."""
     found = [out.name] if out.exists() else []
     if out.parent.exists():
         found += sorted(
             p.name
             for p in out.parent.iterdir()
             if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-"))
+            or p.name == f".{out.name}.partial"
         )
     return found
 

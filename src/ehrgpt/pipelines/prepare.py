@@ -8,8 +8,11 @@ The run folder it writes::
     RUN_DIR/data_quality.json    rows read / used / set aside by reason; visits; patients; tokens
     RUN_DIR/config.json          the resolved options;  RUN_DIR/versions.json  package versions
 
-Everything is written under a temporary name beside RUN_DIR and renamed at the end, so a
-failed run leaves nothing half-written and an existing folder is only replaced on success.
+Everything is written in a work folder beside RUN_DIR (``.RUN_DIR.partial``) and renamed at
+the end, so a failed run leaves nothing half-written and an existing folder is only replaced
+on success. A crashed run's work folder keeps a journal of its finished steps and shard tasks
+(:mod:`ehrgpt.util.resume`); ``--resume`` continues from them, a run without it removes the
+folder first.
 
 The work is a map over shards run by an engine (``--engine local``: this process or a pool of
 ``--workers`` processes; ``--engine ray``: a Ray cluster): OMOP sources are cleaned per
@@ -42,6 +45,15 @@ from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.util import atomic
 from ehrgpt.util.engines import ENGINES, fault_point, make_engine, with_fault
 from ehrgpt.util.memory import MemoryPlan, format_size, parse_size, plan_memory
+from ehrgpt.util.resume import (
+    FINGERPRINT,
+    Journal,
+    check_fingerprint,
+    folder_size,
+    partial_name,
+    source_signature,
+)
+from ehrgpt.util.resume import lock as resume_lock
 from ehrgpt.util.urls import mask_url
 
 TOKENIZED = "tokenized"
@@ -68,13 +80,17 @@ class PrepareResult:
     #: How the work ran ("local, 2 workers, 4 patient shards") and seconds per step.
     engine: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    #: Steps and tasks taken from a crashed run's journal (``--resume``) instead of run.
+    resumed: int = 0
 
     def rows(self) -> list[tuple[str, str]]:
         """(what, value) pairs for the summary table."""
         rate = self.n_source_rows / max(self.seconds, 1e-9)
+        resumed = [("steps and tasks resumed", f"{self.resumed:,}")] if self.resumed else []
         return [
             ("run folder", str(self.run_dir)),
             ("engine", self.engine),
+            *resumed,
             ("clinical rows read", f"{self.n_source_rows:,}"),
             ("MEDS rows written", f"{self.n_rows:,}"),
             ("subjects", f"{self.n_subjects:,}"),
@@ -114,6 +130,7 @@ def prepare(
     workers: int | None = None,
     ray_address: str | None = None,
     n_parts: int | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> PrepareResult:
     """Ingest ``source`` and write a prepared run folder at ``out`` (see module docstring).
@@ -126,6 +143,12 @@ def prepare(
     DuckDB's memory follow from it, workers that do not fit are dropped when ``workers`` was
     not given, and a run that cannot fit stops before it starts. ``n_parts`` fixes the number
     of patient shards (tests; by default it follows from the memory limit).
+
+    The run is built in ``.OUT.partial`` beside ``out`` and renamed when it is whole. A run
+    that crashed (killed, out of memory, a lost machine) leaves that folder with a journal of
+    its finished steps and tasks: ``resume`` runs only the rest, when the source and the
+    options that change the output are those of the crashed run; without ``resume`` the
+    folder is removed (and its size said) before the run starts again.
     """
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -157,59 +180,135 @@ def prepare(
         )
     created_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.tmp_name(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        result = _prepare_into(
-            source,
+    tmp = partial_name(out)
+    fingerprint = {
+        "source": mask_url(str(source)),
+        "source files": _source_signature(str(source)),
+        "att_scheme": att_scheme,
+        "min_prevalence": min_prevalence,
+        "seed": seed,
+        "shard_size": shard_size,
+        "vocab_from": str(vocab_from) if vocab_from else None,
+        "meds_visit_rule": meds_visit_rule,
+        "n_parts": n_parts,
+        "ehrgpt": _versions().get("ehrgpt"),
+    }
+    with resume_lock(tmp):
+        if resume and (tmp / FINGERPRINT).exists():
+            check_fingerprint(tmp, fingerprint)
+            log.info("prepare: resuming the unfinished run in %s", tmp)
+        else:
+            _start_afresh(tmp, out, resume)
+        atomic.write_json(tmp / FINGERPRINT, fingerprint)
+        journal = Journal(tmp / "journal")
+        try:
+            result = _prepare_into(
+                source,
+                tmp,
+                att_scheme=att_scheme,
+                min_prevalence=min_prevalence,
+                seed=seed,
+                shard_size=shard_size,
+                base_tokenizer=base_tokenizer,
+                meds_visit_rule=meds_visit_rule,
+                limit=limit,
+                engine=engine,
+                workers=workers,
+                ray_address=ray_address,
+                n_parts=n_parts,
+                progress=progress,
+                journal=journal,
+            )
+            atomic.write_json(
+                tmp / "config.json",
+                {
+                    "command": "prepare",
+                    "source": mask_url(str(source)),  # never a password (README, prepare)
+                    "out": str(out),
+                    "att_scheme": att_scheme,
+                    "min_prevalence": min_prevalence,
+                    "seed": seed,
+                    "shard_size": shard_size,
+                    "vocab_from": str(vocab_from) if vocab_from else None,
+                    "meds_visit_rule": meds_visit_rule,
+                    "memory_limit": memory_limit,
+                    "engine": engine,
+                    "workers": workers,
+                },
+            )
+            atomic.write_json(tmp / "versions.json", _versions())
+            for name in ("staging", "journal"):
+                shutil.rmtree(tmp / name, ignore_errors=True)
+            for name in (FINGERPRINT, ".lock"):
+                (tmp / name).unlink(missing_ok=True)
+            # Tasks whose worker died (killed, or stopped with a broken pool) left temporary files.
+            for folder in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+                atomic.remove_stale_tmp(folder)
+            atomic.replace_folder(tmp, out)
+        except EhrgptError:
+            # Input to fix (or a run that cannot fit): nothing worth resuming.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created_parent:
+                with contextlib.suppress(OSError):
+                    out.parent.rmdir()
+            raise
+        except BaseException:
+            if journal.reused + journal.ran:
+                log.warning(
+                    "prepare stopped; its finished steps are kept in %s: run the same command "
+                    "with --resume to continue, or without it to start over",
+                    tmp,
+                )
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        result.run_dir = out
+        result.seconds = time.perf_counter() - started
+        result.resumed = journal.reused
+        return result
+
+
+def _source_signature(source: str) -> str | None:
+    """What tells a changed source file or folder (None for a database server)."""
+    if source == "eunomia":
+        from ehrgpt.sources.omop import eunomia_path
+
+        return source_signature(eunomia_path())
+    path = Path(source.partition("?schema=")[0]).expanduser()
+    return source_signature(path) if path.exists() else None
+
+
+def _start_afresh(tmp: Path, out: Path, resume: bool) -> None:
+    """Remove what crashed runs left beside ``out`` (saying how much), keeping the lock."""
+    if resume:
+        log.info("prepare: nothing to resume in %s; starting from the beginning", tmp)
+    left = [p for p in tmp.iterdir() if p.name != ".lock"]
+    if left:
+        size = sum(folder_size(p) if p.is_dir() else p.stat().st_size for p in left)
+        log.warning(
+            "prepare: removing the unfinished run an earlier prepare left in %s (%s); pass "
+            "--resume to continue such a run instead",
             tmp,
-            att_scheme=att_scheme,
-            min_prevalence=min_prevalence,
-            seed=seed,
-            shard_size=shard_size,
-            base_tokenizer=base_tokenizer,
-            meds_visit_rule=meds_visit_rule,
-            limit=limit,
-            engine=engine,
-            workers=workers,
-            ray_address=ray_address,
-            n_parts=n_parts,
-            progress=progress,
+            format_size(size),
         )
-        atomic.write_json(
-            tmp / "config.json",
-            {
-                "command": "prepare",
-                "source": mask_url(str(source)),  # never a password (README, prepare)
-                "out": str(out),
-                "att_scheme": att_scheme,
-                "min_prevalence": min_prevalence,
-                "seed": seed,
-                "shard_size": shard_size,
-                "vocab_from": str(vocab_from) if vocab_from else None,
-                "meds_visit_rule": meds_visit_rule,
-                "memory_limit": memory_limit,
-                "engine": engine,
-                "workers": workers,
-            },
-        )
-        atomic.write_json(tmp / "versions.json", _versions())
-        shutil.rmtree(tmp / "staging", ignore_errors=True)
-        # Tasks whose worker died (killed, or stopped with a broken pool) left temporary files.
-        for folder in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
-            atomic.remove_stale_tmp(folder)
-        atomic.replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:
-            with contextlib.suppress(OSError):
-                out.parent.rmdir()
-        raise
-    result.run_dir = out
-    result.seconds = time.perf_counter() - started
-    return result
+        for p in left:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # Work folders of versions that named them after their process (.OUT.tmp-PID).
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.warning("prepare: removing %s, left by a crashed run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _plan(
@@ -255,6 +354,7 @@ def _prepare_into(
     ray_address: str | None,
     n_parts: int | None,
     progress: bool,
+    journal: Journal,
 ) -> PrepareResult:
     quality = QualityReport()
     source_path = Path(str(source)).expanduser()
@@ -282,9 +382,11 @@ def _prepare_into(
             )
             timings["MEDS import"] = time.perf_counter() - clock
             train = [p for p in meds.shards if p.parent.name == "train"]
-            stats = runner.map(
+            stats = journal.map(
+                runner,
                 statistics_task,
                 [{"path": str(p), "seed": seed + i} for i, p in enumerate(train)],
+                stage="statistics",
                 description="Vocabulary",
                 progress=progress,
             )
@@ -292,6 +394,9 @@ def _prepare_into(
             from ehrgpt.sources.omop import open_omop
             from ehrgpt.sources.omop_to_meds import omop_to_meds
 
+            for name in ("staging.duckdb", "staging.duckdb.wal", "spill"):  # a crashed run's
+                path = run / "staging" / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             db = open_omop(source, run / "staging", memory_limit=format_size(limit))
             try:
                 source_rows = sum(
@@ -315,6 +420,7 @@ def _prepare_into(
                     n_parts=n_parts or plan.n_parts,
                     task_memory=format_size(plan.task_duckdb),
                     statistics=True,
+                    journal=journal,
                 )
             finally:
                 db.con.close()
@@ -346,9 +452,11 @@ def _prepare_into(
             }
             for path in meds.shards
         ]
-        encoded = runner.map(
+        encoded = journal.map(
+            runner,
             encode_task,
             with_fault(specs, "encode"),
+            stage="encode",
             description="Tokenizing",
             progress=progress,
             memory=plan.shard_task,

@@ -23,7 +23,9 @@ another person's visit), the cleaning rules look across persons, so the run uses
 shard instead (and says so).
 
 Each task writes under a temporary name and renames at the end, so a task whose worker died is
-run again from the start and nothing half-written is ever read.
+run again from the start and nothing half-written is ever read. The shuffle and every finished
+task are recorded in the run's journal (:mod:`ehrgpt.util.resume`): ``prepare --resume`` after
+a crash runs only what had not finished.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from ehrgpt.tokenizer.fit import shard_statistics
 from ehrgpt.util import atomic
 from ehrgpt.util.engines import fault_point, with_fault
 from ehrgpt.util.memory import parse_size
+from ehrgpt.util.resume import Journal
 from ehrgpt.util.sql import sql_str
 
 log = logging.getLogger(__name__)
@@ -114,8 +117,6 @@ def shuffle(db: OmopDatabase, staging: Path, n_parts: int) -> None:
             target, options = out, "FORMAT parquet, PARTITION_BY (_part)"
             query = f"SELECT *, {_part_expr(n_parts)} AS _part FROM omop_{table}"
         con.execute(f"COPY ({query}) TO {sql_str(str(target))} ({options})")
-    _code_tables(con)
-    con.execute(f"COPY code_map TO {sql_str(str(staging / 'code_map.parquet'))} (FORMAT parquet)")
 
 
 def _files(folder: Path) -> list[Path]:
@@ -281,8 +282,12 @@ def run(
     task_memory: str,
     statistics: bool,
     progress: bool,
+    journal: Journal | None = None,
 ) -> MedsResult:
-    """The steps of the module docstring; see :func:`ehrgpt.sources.omop_to_meds.omop_to_meds`."""
+    """The steps of the module docstring; see :func:`ehrgpt.sources.omop_to_meds.omop_to_meds`.
+
+    Steps and tasks already in ``journal`` (a resumed run) are not run again.
+    """
     con = db.con
     quality.source = db.description
     timings: dict[str, float] = {}
@@ -295,31 +300,43 @@ def run(
         clock = now
         log.debug("OMOP -> MEDS: %s %.2f s", name, timings[name])
 
-    if n_parts > 1:
-        crossing = crossing_visit_ids(con, n_parts)
-        if crossing:
-            log.warning(
-                "%d visit id(s) of %s have rows of more than one patient shard (a visit id "
-                "of two persons, or an event naming another person's visit); one shard is used.",
-                crossing,
-                db.description,
-            )
-            n_parts = 1
-    shuffle(db, staging, n_parts)
-    lap("shuffle")
-
-    common = {"staging": str(staging), "memory_limit": task_memory}
-    common["threads"] = engine.threads_per_task()
+    journal = journal or Journal(staging / "journal")
     infos = {
         t: (i.status, i.location, i.problem, i.n_rows)
         for t, i in db.tables.items()
         if t in PATIENT_TABLES
     }
+
+    def split_by_patient() -> int:
+        parts = n_parts
+        if parts > 1:
+            crossing = crossing_visit_ids(con, parts)
+            if crossing:
+                log.warning(
+                    "%d visit id(s) of %s have rows of more than one patient shard (a visit "
+                    "id of two persons, or an event naming another person's visit); one shard "
+                    "is used.",
+                    crossing,
+                    db.description,
+                )
+                parts = 1
+        shuffle(db, staging, parts)
+        return parts
+
+    n_parts = journal.step("shuffle", {"n_parts": n_parts, "tables": infos}, split_by_patient)
+    _code_tables(con)
+    con.execute(f"COPY code_map TO {sql_str(str(staging / 'code_map.parquet'))} (FORMAT parquet)")
+    lap("shuffle")
+
+    common = {"staging": str(staging), "memory_limit": task_memory}
+    common["threads"] = engine.threads_per_task()
     specs = [{**common, "part": p, "tables": infos} for p in range(n_parts)]
     memory = parse_size(task_memory)
-    cleaned = engine.map(
+    cleaned = journal.map(
+        engine,
         clean_part,
         with_fault(specs, "clean"),
+        stage="clean",
         description="Cleaning patient shards",
         progress=progress,
         memory=memory,
@@ -359,9 +376,11 @@ def run(
         }
         for p in range(n_parts)
     ]
-    used = engine.map(
+    used = journal.map(
+        engine,
         bucket_part,
         with_fault(specs, "bucket"),
+        stage="bucket",
         description="Writing MEDS rows",
         progress=progress,
         memory=memory,
@@ -383,9 +402,11 @@ def run(
         }
         for split, shard in outputs
     ]
-    gathered = engine.map(
+    gathered = journal.map(
+        engine,
         gather_shard,
         with_fault(specs, "gather"),
+        stage="gather",
         description="Sorting MEDS shards",
         progress=progress,
         memory=memory,

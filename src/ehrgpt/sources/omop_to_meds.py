@@ -454,13 +454,15 @@ def omop_to_meds(
     n_parts: int = 1,
     task_memory: str = "1GB",
     statistics: bool = False,
+    journal=None,
 ) -> MedsResult:
     """Convert an opened OMOP source into a MEDS 0.4 folder at ``meds_dir``.
 
     The work is a map over ``n_parts`` patient shards run by ``engine`` (this process by
     default), see :mod:`ehrgpt.sources.omop_shards`; the output does not depend on either.
     ``statistics``: also count, per training shard, what the vocabulary needs
-    (``MedsResult.train_statistics``).
+    (``MedsResult.train_statistics``). ``journal``: the run's :class:`ehrgpt.util.resume.Journal`
+    (finished steps are not run again).
     """
     from ehrgpt.sources import omop_shards
     from ehrgpt.util.engines import LocalEngine
@@ -478,6 +480,7 @@ def omop_to_meds(
         task_memory=task_memory,
         statistics=statistics,
         progress=progress,
+        journal=journal,
     )
 
 

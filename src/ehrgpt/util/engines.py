@@ -113,19 +113,24 @@ class LocalEngine:
         description: str,
         progress: bool = True,
         memory: int | None = None,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> list[Any]:
         """``[fn(s) for s in specs]``, run as this engine runs tasks (``memory``: bytes a task
-        needs, unused here: the memory check is made before the run)."""
+        needs, unused here: the memory check is made before the run). ``on_result(i, result)``
+        is called in this process as each task finishes (the run's journal, for ``--resume``).
+        """
         del memory
+        finished = on_result or (lambda i, r: None)
         bar = Bar(len(specs), description, enabled=progress)
         try:
             if self.workers == 1 or len(specs) <= 1:
                 out = []
                 for i, spec in enumerate(specs):
                     out.append(fn(spec))
+                    finished(i, out[-1])
                     bar.update(i + 1)
                 return out
-            return self._pool_map(fn, list(specs), bar, description)
+            return self._pool_map(fn, list(specs), bar, description, finished)
         finally:
             bar.close()
 
@@ -141,7 +146,12 @@ class LocalEngine:
         return self._executor
 
     def _pool_map(
-        self, fn: Callable[[dict], Any], specs: list[Any], bar: Bar, description: str
+        self,
+        fn: Callable[[dict], Any],
+        specs: list[Any],
+        bar: Bar,
+        description: str,
+        finished: Callable[[int, Any], None],
     ) -> list[Any]:
         results: dict[int, Any] = {}
         deaths = 0
@@ -155,6 +165,7 @@ class LocalEngine:
                 for fut in done:
                     try:
                         results[futures[fut]] = fut.result()
+                        finished(futures[fut], results[futures[fut]])
                     except BrokenProcessPool:
                         broken = True
                     except BaseException:
@@ -234,7 +245,9 @@ class RayEngine:
         description: str,
         progress: bool = True,
         memory: int | None = None,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> list[Any]:
+        """As :meth:`LocalEngine.map`, each spec a Ray task."""
         ray = self._ray
         options: dict[str, Any] = {
             "num_cpus": self.cpus_per_task,
@@ -256,6 +269,8 @@ class RayEngine:
                 for ref in done:
                     try:
                         results[index[ref]] = ray.get(ref)
+                        if on_result is not None:
+                            on_result(index[ref], results[index[ref]])
                     except ray.exceptions.RayTaskError as exc:
                         for other in pending:
                             ray.cancel(other)
