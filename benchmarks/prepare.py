@@ -391,6 +391,84 @@ def bench_meds_etl(copies: int, args: argparse.Namespace) -> dict:
     return out
 
 
+#: Java 17 needs these modules opened for Spark (as shared/peer/run_peer.sh sets them).
+_JDK_OPENS = " ".join(
+    f"--add-opens=java.base/{m}=ALL-UNNAMED"
+    for m in (
+        "java.lang",
+        "java.lang.invoke",
+        "java.lang.reflect",
+        "java.io",
+        "java.net",
+        "java.nio",
+        "java.util",
+        "java.util.concurrent",
+        "java.util.concurrent.atomic",
+        "sun.nio.ch",
+        "sun.nio.cs",
+        "sun.security.action",
+        "sun.util.calendar",
+    )
+)
+
+
+def bench_peer(args: argparse.Namespace) -> dict:
+    """The reference's Spark ETL on Eunomia x1 against ``ehrgpt prepare``, one after the other.
+
+    The reference side is step 3 of the peer kit (``cehrbert_data``: the qualified concept
+    list, then the patient sequences, with the kit's flags) on the kit's own Eunomia export
+    (``WORK/data/omop``, written by its step 2); ehrgpt prepares the bundled Eunomia file.
+    """
+    work = Path(args.peer)
+    py = work / "venv" / "bin" / "python"
+    omop = work / "data" / "omop"
+    seq = args.work_dir / "peer_sequences"
+    shutil.rmtree(seq, ignore_errors=True)
+    env = {
+        **os.environ,
+        "USE_TF": "0",
+        "USE_TORCH": "1",
+        "JDK_JAVA_OPTIONS": _JDK_OPENS + " -Dio.netty.tryReflectionSetAccessible=true",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": str(py),
+        "PYSPARK_DRIVER_PYTHON": str(py),
+        "PYSPARK_SUBMIT_ARGS": "--driver-memory 8g pyspark-shell",
+    }
+    domains = ["condition_occurrence", "procedure_occurrence", "drug_exposure"]
+    stages = {
+        "concept list": [
+            *(str(py), "-u", "-m", "cehrbert_data.apps.generate_included_concept_list"),
+            *("-i", str(omop), "-o", str(omop), "--min_num_of_patients", "100"),
+            *("--ehr_table_list", *domains),
+        ],
+        "sequences": [
+            *(str(py), "-u", "-m", "cehrbert_data.apps.generate_training_data"),
+            *("--input_folder", str(omop), "--output_folder", str(seq), "-d", "1985-01-01"),
+            *("--att_type", "day", "--inpatient_att_type", "day", "-iv", "-ip"),
+            *("--include_concept_list", "--include_death", "--gpt_patient_sequence"),
+            *("--should_construct_artificial_visits", "--disconnect_problem_list_records"),
+            *("--domain_table_list", *domains),
+        ],
+    }
+    out: dict = {"peer": str(work)}
+    for name, cmd in stages.items():
+        wall, peak, rc, _ = run_with_peak_rss(_pin(cmd, args.cores), env=env)
+        out[f"reference {name}"] = {"wall_s": wall, "peak_rss": peak, "rc": rc}
+    shutil.rmtree(seq, ignore_errors=True)
+    ours = [
+        *(sys.executable, str(Path(__file__).resolve()), "_prepare"),
+        *(str(eunomia_path()), str(args.work_dir / "peer_ehrgpt"), "0", "local", "1"),
+    ]
+    out["ehrgpt prepare"] = _measure_stage(_pin(ours, args.cores))
+    shutil.rmtree(args.work_dir / "peer_ehrgpt", ignore_errors=True)
+    ref = [out[f"reference {n}"] for n in stages]
+    out["reference_wall_s"] = sum(r["wall_s"] for r in ref)
+    out["reference_peak_rss"] = max(r["peak_rss"] for r in ref)
+    out["reference_rc"] = max(abs(r["rc"]) for r in ref)
+    out["ratio_reference_over_ehrgpt"] = out["reference_wall_s"] / out["ehrgpt prepare"]["wall_s"]
+    return out
+
+
 def _checks(records: list[dict]) -> dict:
     ok = [r for r in records if r.get("n_events")]
     out: dict = {}
@@ -451,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         "(cpp backend) and prepare on the same CSV export",
     )
     p.add_argument("--meds-etl-sizes", default="10", help="sizes for --meds-etl")
+    p.add_argument(
+        "--peer",
+        type=Path,
+        default=None,
+        help="a finished shared/peer/run_peer.sh folder: also time the reference's Spark ETL "
+        "on Eunomia x1 against prepare",
+    )
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     sizes = list(QUICK_SIZES) if args.quick else [int(s) for s in args.sizes.split(",") if s]
@@ -479,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.meds_etl:
         for copies in [int(x) for x in args.meds_etl_sizes.split(",") if x]:
             etl_records.append(bench_meds_etl(copies, args))
+
+    peer = bench_peer(args) if args.peer else None
 
     def f(v, spec):
         return None if v is None else format(v, spec)
@@ -565,6 +652,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['ehrgpt prepare']['peak_rss'] / 2**20:,.0f} MiB; ehrgpt / meds_etl "
             f"{e['ratio_ehrgpt_over_meds_etl']:.2f}"
         )
+    if peer:
+        print(
+            f"x1: reference Spark ETL (concept list + sequences) {peer['reference_wall_s']:.1f} s "
+            f"{peer['reference_peak_rss'] / 2**20:,.0f} MiB (rc {peer['reference_rc']}), "
+            f"ehrgpt prepare {peer['ehrgpt prepare']['wall_s']:.2f} s "
+            f"{peer['ehrgpt prepare']['peak_rss'] / 2**20:,.0f} MiB; reference / ehrgpt "
+            f"{peer['ratio_reference_over_ehrgpt']:.1f}"
+        )
     checks = _checks(records)
     print()
     if "largest_events_per_s" in checks:
@@ -601,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_limit_bytes": MEMORY_LIMIT_BYTES,
         "sizes": records,
         "meds_etl": etl_records,
+        "peer": peer,
         "checks": checks,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
