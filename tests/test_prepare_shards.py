@@ -183,7 +183,8 @@ def test_a_crashed_run_is_removed_or_refused_with_other_options(
     sample_db: Path, reference: dict[str, bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """--resume with another seed names the difference and keeps the work folder; a run
-    without --resume removes it (saying how big it was) and starts over."""
+    without --resume removes it (saying how big it was), and an older version's work folder
+    of a dead process, and starts over."""
     out = tmp_path / "run"
     _crash(sample_db, out, f"bucket:2:{tmp_path / 'killed'}")
     partial = out.with_name(".run.partial")
@@ -191,6 +192,11 @@ def test_a_crashed_run_is_removed_or_refused_with_other_options(
     with pytest.raises(EhrgptError, match=r"other inputs \(seed: 0 then, 1 now\)"):
         prepare(str(sample_db), out, workers=1, n_parts=3, shard_size=100, seed=1, resume=True)
     assert sorted(p.name for p in partial.rglob("*.pkl")) == journal
+    # and the work folder of an older version, named after a process that is gone
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = out.with_name(f".run.tmp-{gone.pid}")
+    (stale / "meds").mkdir(parents=True)
     with caplog.at_level(logging.WARNING):
         result = prepare(str(sample_db), out, workers=1, n_parts=3, shard_size=100, progress=False)
     assert "removing the unfinished run an earlier prepare left" in caplog.text
