@@ -67,7 +67,7 @@ from ehrgpt.sources.omop_to_meds import (
 from ehrgpt.tokenizer.fit import shard_statistics
 from ehrgpt.util import atomic
 from ehrgpt.util.engines import fault_point, with_fault
-from ehrgpt.util.memory import parse_size
+from ehrgpt.util.memory import MIN_DUCKDB_BYTES, format_size, parse_size
 from ehrgpt.util.resume import Journal
 from ehrgpt.util.sql import sql_str
 
@@ -326,6 +326,9 @@ def run(
     n_parts = journal.step("shuffle", {"n_parts": n_parts, "tables": infos}, split_by_patient)
     _code_tables(con)
     con.execute(f"COPY code_map TO {sql_str(str(staging / 'code_map.parquet'))} (FORMAT parquet)")
+    # The shuffle's cached source pages are of no use to the tasks (1.8 GB held at 1M patients,
+    # benchmarks/README.md): give that memory back to them.
+    con.execute(f"SET memory_limit={sql_str(format_size(MIN_DUCKDB_BYTES))}")
     lap("shuffle")
 
     common = {"staging": str(staging), "memory_limit": task_memory}
