@@ -61,8 +61,8 @@ TOKENIZED = "tokenized"
 DEFAULT_MEMORY_LIMIT = "4GB"
 #: Sources with fewer clinical rows run in this process (local engine) unless --workers says
 #: otherwise: on 2 cores, one process with two threads per step beat a pool of two
-#: single-threaded workers by 1.18x at Eunomia x10 and x50 (2.2M and 10.9M events, 17M source rows), the
-#: pool won by 1.31x at x372 (benchmarks/README.md).
+#: single-threaded workers by 1.18x at Eunomia x10 and x50 (2.2M and 10.9M events, up to 17M
+#: source rows); the pool won by 1.31x at x372 (benchmarks/README.md).
 SMALL_SOURCE_ROWS = 20_000_000
 log = logging.getLogger(__name__)
 

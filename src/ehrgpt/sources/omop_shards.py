@@ -286,7 +286,8 @@ def run(
 ) -> MedsResult:
     """The steps of the module docstring; see :func:`ehrgpt.sources.omop_to_meds.omop_to_meds`.
 
-    Steps and tasks already in ``journal`` (a resumed run) are not run again.
+    Steps and tasks already in ``journal`` (a resumed run) are not run again; without one,
+    every step runs.
     """
     con = db.con
     quality.source = db.description
@@ -300,7 +301,7 @@ def run(
         clock = now
         log.debug("OMOP -> MEDS: %s %.2f s", name, timings[name])
 
-    journal = journal or Journal(staging / "journal")
+    journal = journal or Journal(None)
     infos = {
         t: (i.status, i.location, i.problem, i.n_rows)
         for t, i in db.tables.items()

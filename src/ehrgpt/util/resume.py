@@ -69,18 +69,22 @@ def spec_key(spec: Any) -> str:
 
 
 class Journal:
-    """Results of the finished tasks of one run, under ``folder``."""
+    """Results of the finished tasks of one run, under ``folder`` (None: kept nowhere, every
+    task runs)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = None if folder is None else Path(folder)
         self.reused = 0  # tasks and steps taken from the journal instead of run
         self.ran = 0  # tasks and steps run and recorded
 
     def _path(self, stage: str, index: int, spec: Any) -> Path:
+        assert self.folder is not None
         return self.folder / stage / f"{index:05d}-{spec_key(spec)}.pkl"
 
     def get(self, stage: str, index: int, spec: Any) -> tuple[bool, Any]:
         """``(True, result)`` of a finished task, else ``(False, None)``."""
+        if self.folder is None:
+            return False, None
         path = self._path(stage, index, spec)
         if not path.exists():
             return False, None
@@ -89,6 +93,8 @@ class Journal:
 
     def put(self, stage: str, index: int, spec: Any, result: Any) -> None:
         """Record a finished task's result (after the task's own files are in place)."""
+        if self.folder is None:
+            return
         with atomic.atomic_path(self._path(stage, index, spec)) as tmp, open(tmp, "wb") as f:
             pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
 
