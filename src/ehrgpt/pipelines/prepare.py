@@ -44,7 +44,13 @@ from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.util import atomic
 from ehrgpt.util.engines import ENGINES, fault_point, make_engine, with_fault
-from ehrgpt.util.memory import MemoryPlan, format_size, parse_size, plan_memory
+from ehrgpt.util.memory import (
+    RAY_LOCAL_BYTES,
+    MemoryPlan,
+    format_size,
+    parse_size,
+    plan_memory,
+)
 from ehrgpt.util.resume import (
     FINGERPRINT,
     Journal,
@@ -314,7 +320,13 @@ def _alive(pid: int) -> bool:
 
 
 def _plan(
-    limit: int, workers: int | None, source_rows: int, persons: int, shard_size: int, engine: str
+    limit: int,
+    workers: int | None,
+    source_rows: int,
+    persons: int,
+    shard_size: int,
+    engine: str,
+    ray_address: str | None,
 ) -> MemoryPlan:
     cores = os.cpu_count() or 1
     if workers is None and source_rows < SMALL_SOURCE_ROWS and engine == "local":
@@ -326,6 +338,8 @@ def _plan(
         source_rows=source_rows,
         persons=persons,
         shard_size=shard_size,
+        # A local cluster's own processes count against the limit; a joined one's are its own.
+        reserved=RAY_LOCAL_BYTES if engine == "ray" and not ray_address else 0,
     )
     log.info(
         "prepare: %s engine, %d worker(s), %d patient shard(s), DuckDB %s per task, "
@@ -371,7 +385,7 @@ def _prepare_into(
             # are checked by import_meds.
             size = sum(f.stat().st_size for f in source_path.rglob("*.parquet"))
             rows = size // 8
-            plan = _plan(limit, workers, rows, max(rows // 100, 1), shard_size, engine)
+            plan = _plan(limit, workers, rows, max(rows // 100, 1), shard_size, engine, ray_address)
             runner = make_engine(engine, plan.workers, ray_address=ray_address)
             meds = import_meds(
                 source_path,
@@ -404,9 +418,8 @@ def _prepare_into(
                 source_rows = sum(
                     i.n_rows for t, i in db.tables.items() if t not in ("person", "concept")
                 )
-                plan = _plan(
-                    limit, workers, source_rows, db.tables["person"].n_rows, shard_size, engine
-                )
+                persons = db.tables["person"].n_rows
+                plan = _plan(limit, workers, source_rows, persons, shard_size, engine, ray_address)
                 db.con.execute(f"SET memory_limit='{format_size(plan.main_duckdb)}'")
                 runner = make_engine(engine, plan.workers, ray_address=ray_address)
                 meds = omop_to_meds(

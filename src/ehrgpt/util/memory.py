@@ -39,6 +39,9 @@ MEDS_ROWS_PER_SOURCE_ROW = 1.6
 DUCKDB_BYTES_PER_ROW = 250
 #: The least memory a DuckDB task is given.
 MIN_DUCKDB_BYTES = 256 * 10**6
+#: Resident memory of the Ray processes a local cluster adds (raylet, GCS, idle workers, Ray in
+#: the driver): 650-660 MiB measured at Eunomia x1 and x372 (benchmarks/README.md).
+RAY_LOCAL_BYTES = 700 * 10**6
 
 
 def parse_size(text: str) -> int:
@@ -80,19 +83,21 @@ def plan_memory(
     source_rows: int,
     persons: int,
     shard_size: int,
+    reserved: int = 0,
 ) -> MemoryPlan:
     """Split ``limit`` bytes between the main process and ``workers`` workers.
 
     The cleaning tasks (DuckDB) and the output-shard tasks (polars) run one stage after the
     other, so the peak is the larger of the two stages. Workers that were not asked for are
     dropped until the run fits; a run that cannot fit raises :class:`EhrgptError` before it
-    starts.
+    starts. ``reserved`` bytes of the limit are used by something else (a local Ray cluster).
 
     >>> p = plan_memory(4 * 10**9, workers=2, workers_given=False, source_rows=10_000_000,
     ...                 persons=135_000, shard_size=20_000)
     >>> p.workers, p.n_parts, p.peak < 4 * 10**9
     (2, 3, True)
     """
+    total, limit = limit, limit - reserved
     rows_per_person = MEDS_ROWS_PER_SOURCE_ROW * source_rows / max(persons, 1) + 5
     shard_rows = min(shard_size, max(persons, 1)) * rows_per_person
     shard_task = int(shard_rows * BYTES_PER_MEDS_ROW)
@@ -108,14 +113,15 @@ def plan_memory(
                 task_duckdb=per_worker,
                 main_duckdb=limit - PROCESS_BYTES,
                 shard_task=shard_task,
-                peak=max(shard_peak, PROCESS_BYTES + n * (PROCESS_BYTES + per_worker)),
+                peak=reserved + max(shard_peak, PROCESS_BYTES + n * (PROCESS_BYTES + per_worker)),
             )
         if workers_given:
             break
-    need = PROCESS_BYTES + workers * (PROCESS_BYTES + max(shard_task, MIN_DUCKDB_BYTES))
+    need = reserved + PROCESS_BYTES + workers * (PROCESS_BYTES + max(shard_task, MIN_DUCKDB_BYTES))
+    also = f" and a local Ray cluster ({format_size(reserved)})" if reserved else ""
     raise EhrgptError(
-        f"--memory-limit {format_size(limit)} is too small: {workers} worker(s) with output "
+        f"--memory-limit {format_size(total)} is too small: {workers} worker(s) with output "
         f"shards of {min(shard_size, persons):,} subjects (about {shard_rows:,.0f} MEDS rows "
-        f"each) need about {format_size(need)}; raise --memory-limit, or lower --workers or "
-        "--shard-size."
+        f"each){also} need about {format_size(need)}; raise --memory-limit, or lower --workers "
+        "or --shard-size."
     )
