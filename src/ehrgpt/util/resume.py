@@ -8,7 +8,9 @@ the next run finds it. In that folder:
   output). A run with ``--resume`` continues only an unfinished run with the same fingerprint;
 - ``journal/STAGE/INDEX-KEY.pkl`` holds the result of each finished task, written (atomically)
   once the task's own files are in place. ``KEY`` is a digest of the task's spec, so a task
-  whose inputs changed is never taken for done.
+  whose spec changed (another shard count, split or seed) is never taken for done; what lies
+  behind the spec's paths is covered by the fingerprint and by the steps before the task,
+  which are deterministic.
 
 A work folder is used by one process at a time (:func:`lock`, an advisory lock the system
 drops when the process dies, however it dies).
