@@ -13,7 +13,7 @@ uses the figure given with ``--peer-seconds`` (say where it came from).
 Printed: patients per second of each, their ratio (goal: at least 10x), and the FLOP rate
 reached against the fp32 matmul peak measured in the same process.
 
-    .venv/bin/python benchmarks/embed.py [--run RUN_DIR] [--peer /work/peer-run]
+    .venv/bin/python benchmarks/embed.py [--run RUN_DIR] [--peer /work/peer-run] [--variants]
 """
 
 from __future__ import annotations
@@ -105,12 +105,82 @@ def peer_features_seconds(work: Path) -> float:
     return time.perf_counter() - start
 
 
+def forward_variants(model, tok, run: Path, labels) -> list[tuple[str, str, str, str]]:
+    """The decoder forward over every history as shipped (fp32 eager) and as it could be run
+    instead: ``torch.compile`` and int8 dynamic quantization of the linear layers.
+
+    Each row: variant, seconds, time against eager, largest change of a mean embedding.
+    """
+    import types
+    import warnings
+
+    import numpy as np
+
+    from ehrgpt.represent.embed import embed_ids
+    from ehrgpt.tasks.history import HistoryStats, build_histories, plan_chunks
+
+    plan = plan_chunks(run, labels.frame.with_row_index("sample_id"), 1024)
+    ids = [
+        np.asarray(x)
+        for h in build_histories(
+            plan, tok, int(model.config.max_position_embeddings), stats=HistoryStats()
+        )
+        for x in h["input_ids"].to_list()
+    ]
+
+    def timed(m) -> tuple[float, np.ndarray]:
+        start = time.perf_counter()
+        out = embed_ids(m, ids)["mean"]
+        return time.perf_counter() - start, out
+
+    def wrap(decoder):
+        return types.SimpleNamespace(
+            model=decoder, config=model.config, parameters=model.parameters, eval=lambda: None
+        )
+
+    base_s, base = timed(model)
+    rows = [("fp32 eager (shipped)", f"{base_s:.1f}", "1.00", "0")]
+    start = time.perf_counter()
+    compiled = wrap(torch.compile(model.model, dynamic=True))
+    timed(compiled)  # the first pass compiles
+    first = time.perf_counter() - start
+    s, out = timed(compiled)
+    rows.append(
+        (
+            f"torch.compile (first pass {first:.0f} s)",
+            f"{s:.1f}",
+            f"{s / base_s:.2f}",
+            f"{np.abs(out - base).max():.1e}",
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    s, out = timed(quantized)
+    rows.append(
+        (
+            "int8 dynamic (linear layers)",
+            f"{s:.1f}",
+            f"{s / base_s:.2f}",
+            f"{np.abs(out - base).max():.2f}",
+        )
+    )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=None, help="prepared Eunomia run (else made)")
     ap.add_argument("--peer", type=Path, default=None, help="finished peer run folder")
     ap.add_argument("--peer-seconds", type=float, default=None)
     ap.add_argument("--peer-patients", type=int, default=2679)
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time the forward compiled and int8-quantized against the shipped one",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
@@ -161,6 +231,10 @@ def main() -> None:
     print(
         f"fp32 matmul peak {peak:.1f} GFLOP/s; embed reached {100 * report['share_of_peak']:.1f}%"
     )
+    if args.variants:
+        variants = forward_variants(model, tok, run, Labels(labels))
+        print_table(variants, ["forward", "seconds", "vs eager", "max change (mean)"])
+        report["variants"] = variants
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1))
 
