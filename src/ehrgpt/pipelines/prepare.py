@@ -189,15 +189,20 @@ def prepare(
     created_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(out)
-    fingerprint = {
-        "source": mask_url(str(source)),
-        "source files": _source_signature(str(source)),
+    source_text = mask_url(str(source))  # never a password (README, prepare)
+    # The options that change the output: in config.json, and what a resumed run must match.
+    output_options = {
         "att_scheme": att_scheme,
         "min_prevalence": min_prevalence,
         "seed": seed,
         "shard_size": shard_size,
         "vocab_from": str(vocab_from) if vocab_from else None,
         "meds_visit_rule": meds_visit_rule,
+    }
+    fingerprint = {
+        "source": source_text,
+        "source files": _source_signature(str(source)),
+        **output_options,
         "n_parts": n_parts,
         "ehrgpt": _versions().get("ehrgpt"),
     }
@@ -231,14 +236,9 @@ def prepare(
                 tmp / "config.json",
                 {
                     "command": "prepare",
-                    "source": mask_url(str(source)),  # never a password (README, prepare)
+                    "source": source_text,
                     "out": str(out),
-                    "att_scheme": att_scheme,
-                    "min_prevalence": min_prevalence,
-                    "seed": seed,
-                    "shard_size": shard_size,
-                    "vocab_from": str(vocab_from) if vocab_from else None,
-                    "meds_visit_rule": meds_visit_rule,
+                    **output_options,
                     "memory_limit": memory_limit,
                     "engine": engine,
                     "workers": workers,
