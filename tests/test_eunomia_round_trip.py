@@ -75,3 +75,17 @@ def test_every_eunomia_patient_round_trips(eunomia_run: Path) -> None:
     )
     births_back = decoded.filter(pl.col("code") == mc.BIRTH_CODE).select("subject_id", "time")
     assert births.equals(births_back.sort("subject_id"))
+
+
+def test_encoding_in_slices_of_subjects_changes_nothing(eunomia_run: Path) -> None:
+    """A shard is encoded a slice of whole subjects at a time (bounded memory): the tokens and
+    every count are those of one piece, also for rows not sorted by subject."""
+    tok = EhrTokenizer.from_pretrained(eunomia_run / "tokenizer")
+    # The split shards one after the other: not sorted by subject as a whole.
+    meds = pl.read_parquet(sorted((eunomia_run / "meds" / "data").rglob("*.parquet")))
+    assert not meds["subject_id"].is_sorted()
+    whole, whole_stats = encode_shard(meds, tok, chunk_rows=meds.height)
+    sliced, sliced_stats = encode_shard(meds, tok, chunk_rows=5_000)
+    assert whole.height == 2694
+    assert sliced.equals(whole)
+    assert sliced_stats == whole_stats

@@ -38,7 +38,12 @@ import polars as pl
 from ehrgpt import __version__
 from ehrgpt.errors import EhrgptError, OutputExistsError
 from ehrgpt.quality import QualityReport
-from ehrgpt.tokenizer.encode import MIN_PRETRAIN_TOKENS, EncodeStats, encode_shard
+from ehrgpt.tokenizer.encode import (
+    MIN_PRETRAIN_TOKENS,
+    USED_COLUMNS,
+    EncodeStats,
+    encode_shard,
+)
 from ehrgpt.tokenizer.fit import fit_from_statistics, merge_statistics, statistics_task
 from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
@@ -535,7 +540,8 @@ def _prepare_into(
 def encode_task(spec: dict) -> EncodeStats:
     """Task: tokenize one MEDS shard with the run's tokenizer and write it."""
     tokenizer = EhrTokenizer.from_pretrained(spec["tokenizer"])
-    encoded, stats = encode_shard(pl.read_parquet(spec["path"]), tokenizer)
+    rows = pl.read_parquet(spec["path"], columns=list(USED_COLUMNS))
+    encoded, stats = encode_shard(rows, tokenizer)
     fault_point(spec)
     atomic.write_parquet(Path(spec["out"]), encoded)
     return stats

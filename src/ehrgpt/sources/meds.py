@@ -152,8 +152,7 @@ def _rows_with_visits(con, shards_sql: str, columns: set[str], quality: QualityR
     """SQL of the MEDS rows, events with a null visit_id given a visit (see module doc)."""
     con.execute(f"""
         CREATE OR REPLACE TABLE src_rows AS
-        SELECT *, row_number() OVER () AS rid FROM (
-            SELECT {", ".join(_typed_columns(columns))}, ({_TIMED}) AS timed FROM {shards_sql})
+        SELECT {", ".join(_typed_columns(columns))}, ({_TIMED}) AS timed FROM {shards_sql}
     """)
     end = quote(mc.END) if mc.END in columns else "NULL::TIMESTAMP"
     con.execute(f"""
@@ -166,7 +165,7 @@ def _rows_with_visits(con, shards_sql: str, columns: set[str], quality: QualityR
     """)
     con.execute("""
         CREATE OR REPLACE TABLE unattached AS
-        SELECT rid AS eid, subject_id AS person_id, time AS t, time AS t0
+        SELECT rowid AS eid, subject_id AS person_id, time AS t, time AS t0
         FROM src_rows WHERE timed AND visit_id IS NULL
     """)
     counts = attach_to_visits(con, "unattached", "data_visits")
@@ -175,7 +174,7 @@ def _rows_with_visits(con, shards_sql: str, columns: set[str], quality: QualityR
     visit = f"coalesce(r.{mc.VISIT_ID}, a.visit_id)"
     return f"""
         SELECT {", ".join(_output_columns(columns, visit, "r."))}
-        FROM src_rows r LEFT JOIN attached a ON a.eid = r.rid"""
+        FROM src_rows r LEFT JOIN attached a ON a.eid = r.rowid"""
 
 
 def import_meds(

@@ -12,10 +12,10 @@ The steps (docs/method.md section 1 says what each SQL step does to the rows):
 3. **reduce**: the counts added up, the subject split drawn over all kept persons
    (``assign_splits``), the day-group visits numbered across shards (:func:`day_offsets`).
 4. **bucket** (one task per patient shard, :func:`bucket_part`): the shard's MEDS rows written
-   by output shard (split, shard), with the codes they use.
+   by output shard (split, shard).
 5. **gather** (one task per output shard, :func:`gather_shard`): its rows from every patient
-   shard, sorted (a total order), written as ``data/{split}/{shard}.parquet``, with the
-   counts the vocabulary needs for training shards.
+   shard, sorted (a total order), written as ``data/{split}/{shard}.parquet``, with the codes
+   they use and, for training shards, the counts the vocabulary needs.
 
 The output is the same, byte for byte, for any number of patient shards and workers. Where a
 visit id's rows lie in two patient shards (one visit id for two persons, or an event naming
@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.meds_format.dataset import (
@@ -67,7 +68,7 @@ from ehrgpt.sources.omop_to_meds import (
 from ehrgpt.tokenizer.fit import shard_statistics
 from ehrgpt.util import atomic
 from ehrgpt.util.engines import fault_point, with_fault
-from ehrgpt.util.memory import MIN_DUCKDB_BYTES, format_size, parse_size
+from ehrgpt.util.memory import IDLE_DUCKDB_BYTES, format_size, parse_size
 from ehrgpt.util.resume import Journal
 from ehrgpt.util.sql import sql_str
 
@@ -172,11 +173,8 @@ def clean_part(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def bucket_part(spec: dict[str, Any]) -> pl.DataFrame:
-    """Task: one patient shard's MEDS rows, by output shard, under ``staging/buckets/P``.
-
-    Returns the codes, units and value codes the rows use (column ``code``).
-    """
+def bucket_part(spec: dict[str, Any]) -> None:
+    """Task: one patient shard's MEDS rows, by output shard, under ``staging/buckets/P``."""
     staging, part = Path(spec["staging"]), spec["part"]
     final = staging / "buckets" / str(part)
     shutil.rmtree(final, ignore_errors=True)
@@ -213,18 +211,8 @@ def bucket_part(spec: dict[str, Any]) -> pl.DataFrame:
                                          OVERWRITE_OR_IGNORE)
             """)
             fault_point(spec)
-            files = sorted(tmp.rglob("*.parquet"))
-            if files:
-                rows = f"read_parquet({_listing(files)})"
-                used = con.sql(
-                    f"SELECT code FROM {rows} UNION SELECT unit FROM {rows} WHERE unit IS NOT "
-                    f"NULL UNION SELECT value_code FROM {rows} WHERE value_code IS NOT NULL"
-                ).pl()
-            else:
-                used = pl.DataFrame(schema={"code": pl.String})
     finally:
         con.close()
-    return used
 
 
 #: The polars schema of a MEDS shard's rows (``EVENT_SCHEMA``).
@@ -232,20 +220,33 @@ _EVENT_FRAME_SCHEMA = pl.DataFrame(mc.EVENT_SCHEMA.empty_table()).schema
 
 
 def gather_shard(spec: dict[str, Any]) -> dict[str, Any]:
-    """Task: one output shard from every patient shard's bucket, sorted, as a MEDS shard."""
+    """Task: one output shard from every patient shard's bucket, sorted, as a MEDS shard.
+
+    Returns its number of rows, the vocabulary's statistics (training shards) and the codes,
+    units and value codes it uses (``codes``, for ``codes.parquet``).
+    """
     buckets = Path(spec["staging"]) / "buckets"
     where = f"split={spec['split']}/shard={spec['shard']}"
     files = [f for p in range(spec["n_parts"]) for f in _files(buckets / str(p) / where)]
     frame = sort_events(pl.read_parquet(files))
-    table = frame.to_arrow().cast(mc.EVENT_SCHEMA)
+    codes = pl.concat(
+        [frame[c].drop_nulls().unique().alias("code") for c in ("code", "unit", "value_code")]
+    )
+    seed = spec.get("statistics_seed")
+    stats = None
+    if seed is not None and frame.schema == _EVENT_FRAME_SCHEMA:  # the rows as written
+        stats = shard_statistics(frame, seed)
+    # Column by column, so that the sorted rows are held once, not twice.
+    table = pa.table(
+        [frame.drop_in_place(f.name).to_arrow().cast(f.type) for f in mc.EVENT_SCHEMA],
+        schema=mc.EVENT_SCHEMA,
+    )
+    del frame
     fault_point(spec)
     atomic.write_parquet(Path(spec["out"]), table)
-    stats = None
-    if spec.get("statistics_seed") is not None:
-        if frame.schema != _EVENT_FRAME_SCHEMA:  # the rows as the shard holds them
-            frame = pl.from_arrow(table)
-        stats = shard_statistics(frame, spec["statistics_seed"])
-    return {"n_rows": table.num_rows, "statistics": stats}
+    if seed is not None and stats is None:
+        stats = shard_statistics(pl.from_arrow(table), seed)
+    return {"n_rows": table.num_rows, "statistics": stats, "codes": codes.unique()}
 
 
 def merge_quality(parts: list[QualityReport], into: QualityReport) -> None:
@@ -328,8 +329,9 @@ def run(
     _code_tables(con)
     con.execute(f"COPY code_map TO {sql_str(str(staging / 'code_map.parquet'))} (FORMAT parquet)")
     # The shuffle's cached source pages are of no use to the tasks (1.8 GB held at 1M patients,
-    # benchmarks/README.md): give that memory back to them.
-    con.execute(f"SET memory_limit={sql_str(format_size(MIN_DUCKDB_BYTES))}")
+    # benchmarks/README.md): give that memory back to them until the metadata step.
+    main_limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    con.execute(f"SET memory_limit={sql_str(format_size(IDLE_DUCKDB_BYTES))}")
     lap("shuffle")
 
     common = {"staging": str(staging), "memory_limit": task_memory}
@@ -380,7 +382,7 @@ def run(
         }
         for p in range(n_parts)
     ]
-    used = journal.map(
+    journal.map(
         engine,
         bucket_part,
         with_fault(specs, "bucket"),
@@ -417,7 +419,9 @@ def run(
     )
     lap("gather")
 
-    codes = codes_frame(con, pl.concat(used).unique())
+    con.execute(f"SET memory_limit={sql_str(main_limit)}")
+    used = pl.concat([g["codes"] for g in gathered]).unique().to_frame("code")
+    codes = codes_frame(con, used)
     write_metadata(
         meds_dir,
         dataset_name=dataset_name,

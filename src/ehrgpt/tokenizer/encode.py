@@ -33,6 +33,7 @@ prediction time or a window start.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -264,16 +265,63 @@ def _to_lists(flat: pl.DataFrame) -> pl.DataFrame:
     return out
 
 
-def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, EncodeStats]:
-    """Encode one MEDS shard; returns one row per subject and the counts.
+#: Rows of MEDS encoded at a time: subjects are encoded independently, so a shard is encoded
+#: in slices of whole subjects, and the memory a shard needs is that of one slice (about 500
+#: bytes per row) plus its rows and tokens (benchmarks/README.md).
+CHUNK_ROWS = 500_000
+
+
+def encode_shard(
+    frame: pl.DataFrame, tok: EhrTokenizer, *, chunk_rows: int = CHUNK_ROWS
+) -> tuple[pl.DataFrame, EncodeStats]:
+    """Encode one MEDS shard; returns one row per subject (by subject id) and the counts.
 
     Output columns: ``subject_id``, ``input_ids`` (list[int32]), ``days`` (list[int32], the
     day of each token), ``n_tokens``, ``first_day`` (day of the first visit), ``birth_day``.
+    The result does not depend on ``chunk_rows`` (:func:`subject_slices`).
     """
+    stats = EncodeStats()
+    parts = []
+    for part in subject_slices(frame, chunk_rows):
+        encoded, part_stats = _encode_subjects(part, tok)
+        parts.append(encoded)
+        stats.merge(part_stats)
+    if len(parts) == 1:
+        return parts[0], stats
+    return pl.concat(parts, how="vertical"), stats
+
+
+def subject_slices(frame: pl.DataFrame, rows: int) -> list[pl.DataFrame]:
+    """``frame`` cut into slices of whole subjects, about ``rows`` rows each, in subject order.
+
+    A frame not sorted by subject is sorted first (stably: each subject's rows keep their
+    order). Slices of a sorted frame share its memory.
+
+    >>> f = pl.DataFrame({"subject_id": [3, 1, 1, 2, 2, 2], "x": range(6)})
+    >>> [s["subject_id"].to_list() for s in subject_slices(f, 2)]
+    [[1, 1], [2, 2, 2], [3]]
+    >>> [s.height for s in subject_slices(f, 100)]
+    [6]
+    """
+    if frame.height <= rows:
+        return [frame]
+    if not frame["subject_id"].is_sorted():
+        frame = frame.sort("subject_id", maintain_order=True)
+    ids = frame["subject_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # each subject's first row
+    # Cut at the first subject that starts at or after each multiple of ``rows``.
+    at = np.searchsorted(starts, np.arange(rows, len(ids), rows))
+    cuts = np.unique(starts[at[at < len(starts)]])
+    bounds = [0, *cuts.tolist(), len(ids)]
+    return [frame.slice(a, b - a) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _encode_subjects(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, EncodeStats]:
+    """:func:`encode_shard` of some whole subjects, in one piece."""
     stats = EncodeStats()
     # Only the columns tokens come from, so that no filter, join or sort below copies the
     # others (text values, source tables).
-    frame = _with_extra_columns(frame).select(_USED_COLUMNS)
+    frame = _with_extra_columns(frame).select(USED_COLUMNS)
     persons = _persons(frame, tok, stats)
     timed = frame.filter(pl.col("time").is_not_null())
     stats.events_without_visit = timed.select(
@@ -298,7 +346,8 @@ def encode_shard(frame: pl.DataFrame, tok: EhrTokenizer) -> tuple[pl.DataFrame, 
     return out, stats
 
 
-_USED_COLUMNS = (
+#: The MEDS columns tokens come from (a shard read for encoding needs no others).
+USED_COLUMNS = (
     mc.SUBJECT_ID,
     mc.TIME,
     mc.CODE,

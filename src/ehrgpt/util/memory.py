@@ -30,8 +30,9 @@ _UNITS = {
 #: Resident memory of one worker process before it holds any data (Python, polars, DuckDB,
 #: pyarrow loaded). Measured on Linux x86-64: about 250-300 MB.
 PROCESS_BYTES = 350 * 10**6
-#: Memory per MEDS row of an output shard while it is sorted, written and tokenized (polars
-#: frame, its sorted copy, the arrow table, the token lists). Measured on scaled Eunomia.
+#: Memory per MEDS row of an output shard while it is sorted and written (the polars frame and
+#: its sorted copy; tokenizing works on slices of subjects and needs less). Measured on scaled
+#: Eunomia: a worker holds 1.35-1.38 GB at x372 with 20,000 subjects a shard (2.5M rows).
 BYTES_PER_MEDS_ROW = 400
 #: MEDS rows per clinical row read (visits rebuilt, person rows; 1.56 on Eunomia).
 MEDS_ROWS_PER_SOURCE_ROW = 1.6
@@ -39,6 +40,8 @@ MEDS_ROWS_PER_SOURCE_ROW = 1.6
 DUCKDB_BYTES_PER_ROW = 250
 #: The least memory a DuckDB task is given.
 MIN_DUCKDB_BYTES = 256 * 10**6
+#: The main process's DuckDB limit while the tasks run (it only waits for them).
+IDLE_DUCKDB_BYTES = 64 * 10**6
 #: Resident memory of the Ray processes a local cluster adds (raylet, GCS, idle workers, Ray in
 #: the driver): 650-660 MiB measured at Eunomia x1 and x372 (benchmarks/README.md).
 RAY_LOCAL_BYTES = 700 * 10**6
@@ -101,10 +104,11 @@ def plan_memory(
     rows_per_person = MEDS_ROWS_PER_SOURCE_ROW * source_rows / max(persons, 1) + 5
     shard_rows = min(shard_size, max(persons, 1)) * rows_per_person
     shard_task = int(shard_rows * BYTES_PER_MEDS_ROW)
+    main = PROCESS_BYTES + IDLE_DUCKDB_BYTES  # the main process while the tasks run
     for n in range(workers, 0, -1):
         # DuckDB goes a little over its limit: give it 80% of a worker's share.
-        per_worker = int(0.8 * ((limit - PROCESS_BYTES) // n - PROCESS_BYTES))
-        shard_peak = PROCESS_BYTES + n * (PROCESS_BYTES + shard_task)
+        per_worker = int(0.8 * ((limit - main) // n - PROCESS_BYTES))
+        shard_peak = main + n * (PROCESS_BYTES + shard_task)
         if per_worker >= MIN_DUCKDB_BYTES and shard_peak <= limit:
             parts = max(n, math.ceil(source_rows * DUCKDB_BYTES_PER_ROW / per_worker))
             return MemoryPlan(
@@ -113,11 +117,11 @@ def plan_memory(
                 task_duckdb=per_worker,
                 main_duckdb=limit - PROCESS_BYTES,
                 shard_task=shard_task,
-                peak=reserved + max(shard_peak, PROCESS_BYTES + n * (PROCESS_BYTES + per_worker)),
+                peak=reserved + max(shard_peak, main + n * (PROCESS_BYTES + per_worker)),
             )
         if workers_given:
             break
-    need = reserved + PROCESS_BYTES + workers * (PROCESS_BYTES + max(shard_task, MIN_DUCKDB_BYTES))
+    need = reserved + main + workers * (PROCESS_BYTES + max(shard_task, MIN_DUCKDB_BYTES))
     also = f" and a local Ray cluster ({format_size(reserved)})" if reserved else ""
     raise EhrgptError(
         f"--memory-limit {format_size(total)} is too small: {workers} worker(s) with output "
