@@ -44,7 +44,7 @@ from ehrgpt.tokenizer.encode import (
     EncodeStats,
     encode_shard,
 )
-from ehrgpt.tokenizer.fit import fit_from_statistics, merge_statistics, statistics_task
+from ehrgpt.tokenizer.fit import fit_from_statistics, merge_statistics
 from ehrgpt.tokenizer.time_tokens import SCHEMES
 from ehrgpt.tokenizer.vocab import EhrTokenizer
 from ehrgpt.util import atomic
@@ -400,17 +400,13 @@ def _prepare_into(
                 shard_size=shard_size,
                 visit_rule=meds_visit_rule,
                 progress=progress,
+                engine=runner,
+                journal=journal,
+                statistics=True,
+                task_memory=plan.shard_task,
             )
             timings["MEDS import"] = time.perf_counter() - clock
-            train = [p for p in meds.shards if p.parent.name == "train"]
-            stats = journal.map(
-                runner,
-                statistics_task,
-                [{"path": str(p), "seed": seed + i} for i, p in enumerate(train)],
-                stage="statistics",
-                description="Vocabulary",
-                progress=progress,
-            )
+            stats = meds.train_statistics
         else:
             from ehrgpt.sources.omop import open_omop
             from ehrgpt.sources.omop_to_meds import omop_to_meds

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from ehrgpt.errors import SinkError
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.meds_format.dataset import SPLITS, check_shard, write_metadata
-from ehrgpt.sources.omop_to_meds import sort_events
+from ehrgpt.sources.gather import sort_events
 from ehrgpt.util import atomic
 
 log = logging.getLogger(__name__)

@@ -39,9 +39,13 @@ from ehrgpt.meds_format.dataset import (
     write_metadata,
 )
 from ehrgpt.quality import QualityReport
+from ehrgpt.sources.gather import gather_all
 from ehrgpt.sources.omop import duckdb_connect
-from ehrgpt.sources.omop_to_meds import MedsResult, attach_to_visits, sort_partitions
+from ehrgpt.sources.omop_to_meds import MedsResult, attach_to_visits
+from ehrgpt.util import atomic
+from ehrgpt.util.engines import LocalEngine, RayEngine
 from ehrgpt.util.progress import Steps
+from ehrgpt.util.resume import Journal
 from ehrgpt.util.sql import sql_ident as quote
 from ehrgpt.util.sql import sql_str
 
@@ -186,10 +190,21 @@ def import_meds(
     shard_size: int = 20_000,
     visit_rule: str = "day",
     progress: bool = True,
+    engine: LocalEngine | RayEngine | None = None,
+    journal: Journal | None = None,
+    statistics: bool = False,
+    task_memory: int | None = None,
 ) -> MedsResult:
-    """Check and copy a MEDS folder into ``meds_dir`` in ehrgpt's layout (see module doc)."""
+    """Check and copy a MEDS folder into ``meds_dir`` in ehrgpt's layout (see module doc).
+
+    The rows are written once by output shard, then each output shard is sorted and written
+    by a task of ``engine`` (:mod:`ehrgpt.sources.gather`; this process when None), which also
+    collects the vocabulary's statistics of training shards when ``statistics`` is set.
+    """
+    engine = engine or LocalEngine(1)
+    journal = journal or Journal(None)
     shards = data_shards(src)
-    steps = Steps(4, "MEDS import", enabled=progress)
+    steps = Steps(5, "MEDS import", enabled=progress)
     steps.advance("checking shards")
     for shard in shards:
         check_shard(shard)
@@ -212,16 +227,40 @@ def import_meds(
         splits = shard_assignment(_splits(src, con, shards_sql, seed), shard_size)
         con.register("split_frame", splits.to_arrow())
         steps.advance("writing shards")
-        parts = staging / "meds_parts"
-        shutil.rmtree(parts, ignore_errors=True)
-        con.execute(f"""
-            COPY (SELECT m.*, s.split, s.shard FROM ({rows_sql}) m
-                  JOIN split_frame s ON s.subject_id = m.subject_id)
-            TO {sql_str(str(parts))} (FORMAT parquet, PARTITION_BY (split, shard))
-        """)
-        out_shards, n_written = sort_partitions(parts, meds_dir / "data")
+        # The layout of one patient shard's buckets on the OMOP path.
+        parts = staging / "buckets" / "0"
+
+        def write_rows() -> None:
+            shutil.rmtree(parts, ignore_errors=True)
+            with atomic.atomic_path(parts) as tmp:
+                con.execute(f"""
+                    COPY (SELECT m.*, s.split, s.shard FROM ({rows_sql}) m
+                          JOIN split_frame s ON s.subject_id = m.subject_id)
+                    TO {sql_str(str(tmp))} (FORMAT parquet, PARTITION_BY (split, shard))
+                """)
+
+        journal.step("MEDS rows", {}, write_rows)
     finally:
         con.close()
+    steps.advance("sorting shards")
+    # Only the (split, shard) pairs with rows: a given split file may name absent subjects.
+    outputs = [
+        (d.parent.name.split("=", 1)[1], int(d.name.split("=", 1)[1]))
+        for d in parts.glob("split=*/shard=*")
+    ]
+    out_shards, gathered, train_stats = gather_all(
+        engine,
+        journal,
+        outputs,
+        staging=staging,
+        meds_dir=meds_dir,
+        n_parts=1,
+        seed=seed,
+        statistics=statistics,
+        progress=progress,
+        memory=task_memory,
+    )
+    n_written = sum(g["n_rows"] for g in gathered)
     steps.advance("metadata")
     codes_path = src / "metadata" / "codes.parquet"
     used = pl.scan_parquet(out_shards).select("code").unique().collect()
@@ -249,4 +288,4 @@ def import_meds(
     )
     quality.patients = {"in MEDS data": splits.height, "kept": splits.height}
     steps.close()
-    return MedsResult(meds_dir, n_written, splits.height, out_shards)
+    return MedsResult(meds_dir, n_written, splits.height, out_shards, train_stats)

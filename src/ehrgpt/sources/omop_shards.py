@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.meds_format.dataset import (
@@ -48,6 +47,7 @@ from ehrgpt.meds_format.dataset import (
     write_metadata,
 )
 from ehrgpt.quality import QualityReport
+from ehrgpt.sources.gather import gather_all, parquet_files
 from ehrgpt.sources.omop import OmopDatabase, TableInfo, _create_empty_view, connect
 from ehrgpt.sources.omop_tables import EVENT_TABLES, OMOP_TABLES
 from ehrgpt.sources.omop_to_meds import (
@@ -62,10 +62,8 @@ from ehrgpt.sources.omop_to_meds import (
     day_offsets,
     meds_rows_sql,
     number_day_visits,
-    sort_events,
     write_concepts,
 )
-from ehrgpt.tokenizer.fit import shard_statistics
 from ehrgpt.util import atomic
 from ehrgpt.util.engines import fault_point, with_fault
 from ehrgpt.util.memory import IDLE_DUCKDB_BYTES, format_size, parse_size
@@ -120,10 +118,6 @@ def shuffle(db: OmopDatabase, staging: Path, n_parts: int) -> None:
         con.execute(f"COPY ({query}) TO {sql_str(str(target))} ({options})")
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-
-
 def _listing(files: list[Path]) -> str:
     return "[" + ", ".join(sql_str(str(f)) for f in files) + "]"
 
@@ -138,7 +132,7 @@ def clean_part(spec: dict[str, Any]) -> dict[str, Any]:
         tables: dict[str, TableInfo] = {}
         for table in PATIENT_TABLES:
             status, location, problem, n_rows = spec["tables"][table]
-            files = _files(staging / "shuffle" / table / f"_part={part}")
+            files = parquet_files(staging / "shuffle" / table / f"_part={part}")
             if status == "ok" and files:
                 con.execute(
                     f"CREATE VIEW omop_{table} AS SELECT * FROM read_parquet({_listing(files)})"
@@ -213,40 +207,6 @@ def bucket_part(spec: dict[str, Any]) -> None:
             fault_point(spec)
     finally:
         con.close()
-
-
-#: The polars schema of a MEDS shard's rows (``EVENT_SCHEMA``).
-_EVENT_FRAME_SCHEMA = pl.DataFrame(mc.EVENT_SCHEMA.empty_table()).schema
-
-
-def gather_shard(spec: dict[str, Any]) -> dict[str, Any]:
-    """Task: one output shard from every patient shard's bucket, sorted, as a MEDS shard.
-
-    Returns its number of rows, the vocabulary's statistics (training shards) and the codes,
-    units and value codes it uses (``codes``, for ``codes.parquet``).
-    """
-    buckets = Path(spec["staging"]) / "buckets"
-    where = f"split={spec['split']}/shard={spec['shard']}"
-    files = [f for p in range(spec["n_parts"]) for f in _files(buckets / str(p) / where)]
-    frame = sort_events(pl.read_parquet(files))
-    codes = pl.concat(
-        [frame[c].drop_nulls().unique().alias("code") for c in ("code", "unit", "value_code")]
-    )
-    seed = spec.get("statistics_seed")
-    stats = None
-    if seed is not None and frame.schema == _EVENT_FRAME_SCHEMA:  # the rows as written
-        stats = shard_statistics(frame, seed)
-    # Column by column, so that the sorted rows are held once, not twice.
-    table = pa.table(
-        [frame.drop_in_place(f.name).to_arrow().cast(f.type) for f in mc.EVENT_SCHEMA],
-        schema=mc.EVENT_SCHEMA,
-    )
-    del frame
-    fault_point(spec)
-    atomic.write_parquet(Path(spec["out"]), table)
-    if seed is not None and stats is None:
-        stats = shard_statistics(pl.from_arrow(table), seed)
-    return {"n_rows": table.num_rows, "statistics": stats, "codes": codes.unique()}
 
 
 def merge_quality(parts: list[QualityReport], into: QualityReport) -> None:
@@ -393,27 +353,16 @@ def run(
     )
     lap("bucket")
 
-    outputs = splits.select("split", "shard").unique().sort("split", "shard").rows()
-    train_index = {s: i for i, s in enumerate(sh for sp, sh in outputs if sp == "train")}
-    specs = [
-        {
-            "staging": str(staging),
-            "n_parts": n_parts,
-            "split": split,
-            "shard": shard,
-            "out": str(meds_dir / "data" / split / f"{shard}.parquet"),
-            "statistics_seed": seed + train_index[shard]
-            if statistics and split == "train"
-            else None,
-        }
-        for split, shard in outputs
-    ]
-    gathered = journal.map(
+    outputs = splits.select("split", "shard").unique().rows()
+    shards, gathered, train_stats = gather_all(
         engine,
-        gather_shard,
-        with_fault(specs, "gather"),
-        stage="gather",
-        description="Sorting MEDS shards",
+        journal,
+        outputs,
+        staging=staging,
+        meds_dir=meds_dir,
+        n_parts=n_parts,
+        seed=seed,
+        statistics=statistics,
         progress=progress,
         memory=memory,
     )
@@ -435,12 +384,8 @@ def run(
         meds_dir,
         sum(g["n_rows"] for g in gathered),
         int(n_kept),
-        [Path(s["out"]) for s in specs],
-        [
-            g["statistics"]
-            for g, s in zip(gathered, specs, strict=True)
-            if s["statistics_seed"] is not None
-        ],
+        shards,
+        train_stats,
         timings,
         n_parts,
     )

@@ -505,49 +505,6 @@ def write_concepts(con, codes: pl.DataFrame, path: Path) -> None:
         atomic.write_parquet(path, rows)
 
 
-def sort_partitions(parts: Path, data_dir: Path) -> tuple[list[Path], int]:
-    """Turn ``split=X/shard=N/*.parquet`` partitions into sorted MEDS shards ``X/N.parquet``.
-
-    Returns the shards and the number of rows written.
-    """
-    shards, n_rows = [], 0
-    for split_dir in sorted(parts.glob("split=*")):
-        split = split_dir.name.split("=", 1)[1]
-        for shard_dir in sorted(split_dir.glob("shard=*"), key=lambda p: int(p.name.split("=")[1])):
-            shard = int(shard_dir.name.split("=", 1)[1])
-            frame = pl.read_parquet(sorted(shard_dir.glob("*.parquet")))
-            table = sort_events(frame).to_arrow().cast(mc.EVENT_SCHEMA)
-            out = data_dir / split / f"{shard}.parquet"
-            atomic.write_parquet(out, table)
-            shards.append(out)
-            n_rows += table.num_rows
-    return shards, n_rows
-
-
-def sort_events(frame: pl.DataFrame) -> pl.DataFrame:
-    """Sort MEDS rows by subject, then time (static rows first), then visit and code.
-
-    >>> import datetime as dt
-    >>> f = pl.DataFrame({"subject_id": [2, 1, 1], "time": [None, dt.datetime(2000, 1, 2), None],
-    ...                   "code": ["GENDER/1", "A", "GENDER/2"], "visit_id": [None, 1, None]})
-    >>> sort_events(f)["code"].to_list()
-    ['GENDER/2', 'A', 'GENDER/1']
-    """
-    cols = [c for c in mc.EVENT_SCHEMA.names if c in frame.columns]
-    # A categorical code sorts as fast as an integer (lexical order is kept for ties).
-    code = pl.col("code").cast(pl.Categorical)
-    # Then every other column, so that rows tied on the four keys come out in one order
-    # whatever order they came in (shards of any size, any number of workers).
-    ties = [c for c in _TIE_BREAKERS if c in frame.columns]
-    return frame.select(cols).sort(
-        [pl.col("subject_id"), pl.col("time"), pl.col("visit_id"), code, *ties],
-        nulls_last=[False] * (4 + len(ties)),
-    )
-
-
-_TIE_BREAKERS = ("numeric_value", "text_value", "unit", "value_code", mc.END, "omop_table")
-
-
 def codes_frame(con, used: pl.DataFrame) -> pl.DataFrame:
     """``codes.parquet`` rows of the ``used`` codes (``code``), named from ``code_map``."""
     cmap = (

@@ -72,11 +72,6 @@ def shard_statistics(frame: pl.DataFrame, seed: int) -> ShardStatistics:
     )
 
 
-def statistics_task(spec: dict) -> ShardStatistics:
-    """:func:`shard_statistics` of the shard at ``spec["path"]`` (an engine task)."""
-    return shard_statistics(pl.read_parquet(spec["path"]), spec["seed"])
-
-
 def merge_statistics(
     parts: list[ShardStatistics],
 ) -> tuple[Counter, int, list[pl.DataFrame], dt.date | None]:
@@ -102,7 +97,7 @@ def collect_statistics(
     and the latest event date (shard ``i``'s values sampled with ``seed + i``)."""
     return merge_statistics(
         [
-            statistics_task({"path": path, "seed": seed + i})
+            shard_statistics(pl.read_parquet(path), seed + i)
             for i, path in enumerate(
                 track(shards, len(shards), "Vocabulary", unit="shards", enabled=progress)
             )
