@@ -155,7 +155,12 @@ def run_prepare(source: str, out: str, progress: bool, engine: str, workers: int
     from ehrgpt.pipelines.prepare import prepare
 
     r = prepare(
-        source, Path(out), overwrite=True, progress=progress, engine=engine, workers=workers
+        source,
+        Path(out),
+        overwrite=True,
+        progress=progress,
+        engine=engine,
+        workers=workers or None,  # 0: prepare's own choice
     )
     return {
         "n_events": int(r.n_source_rows),
@@ -345,7 +350,8 @@ def bench_size(copies: int, args: argparse.Namespace) -> dict:
 
 
 def bench_meds_etl(copies: int, args: argparse.Namespace) -> dict:
-    """meds_etl_omop (cpp backend) against ``ehrgpt prepare`` on the same CSV export."""
+    """meds_etl_omop (cpp backend, ``--num_proc`` = cores) against ``ehrgpt prepare`` (its
+    default workers) on the same CSV export."""
     from scale_eunomia import export_csv
 
     source, _ = _source_for(copies, args.data_dir)
@@ -371,7 +377,7 @@ def bench_meds_etl(copies: int, args: argparse.Namespace) -> dict:
             str(work / "ehrgpt"),
             "0",
             "local",
-            str(args.cores),
+            "0",  # the workers a user gets without --workers
         ],
     }
     out = {"copies": copies, "csv": str(csv)}

@@ -16,9 +16,11 @@ folder first.
 
 The work is a map over shards run by an engine (``--engine local``: this process or a pool of
 ``--workers`` processes; ``--engine ray``: a Ray cluster): OMOP sources are cleaned per
-patient shard (:mod:`ehrgpt.sources.omop_shards`), then the vocabulary is fitted from
-per-shard counts and every MEDS shard is tokenized as its own task. The output is the same
-for any engine, number of workers and memory limit.
+patient shard (:mod:`ehrgpt.sources.omop_shards`), MEDS sources are written once by output
+shard (:mod:`ehrgpt.sources.meds`); both end in one task per output shard that sorts and
+writes it and counts what the vocabulary needs (:mod:`ehrgpt.sources.gather`). Then the
+vocabulary is fitted from those counts and every MEDS shard is tokenized as its own task. The
+output is the same for any engine, number of workers and memory limit.
 """
 
 from __future__ import annotations
