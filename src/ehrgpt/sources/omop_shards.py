@@ -13,9 +13,10 @@ The steps (docs/method.md section 1 says what each SQL step does to the rows):
    (``assign_splits``), the day-group visits numbered across shards (:func:`day_offsets`).
 4. **bucket** (one task per patient shard, :func:`bucket_part`): the shard's MEDS rows written
    by output shard (split, shard).
-5. **gather** (one task per output shard, :func:`gather_shard`): its rows from every patient
-   shard, sorted (a total order), written as ``data/{split}/{shard}.parquet``, with the codes
-   they use and, for training shards, the counts the vocabulary needs.
+5. **gather** (one task per output shard, :func:`ehrgpt.sources.gather.gather_shard`): its
+   rows from every patient shard, sorted (a total order), written as
+   ``data/{split}/{shard}.parquet``, with the codes they use and, for training shards, the
+   counts the vocabulary needs.
 
 The output is the same, byte for byte, for any number of patient shards and workers. Where a
 visit id's rows lie in two patient shards (one visit id for two persons, or an event naming
