@@ -259,7 +259,6 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
         raise SourceError(f"Cannot read OMOP table {table} from {location}: {exc}") from None
     source_cols = {row[0].lower(): (row[0], row[1]) for row in described}
     info = TableInfo(table, location, source_columns=[row[0] for row in described])
-    info.n_rows = con.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
 
     columns: list[tuple[Column, str | None]] = []
     missing: list[str] = []
@@ -269,6 +268,7 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
             missing.append(col.name)
         columns.append((col, hit[0] if hit else None))
     if missing:
+        info.n_rows = con.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
         info.status = "malformed"
         shown = ", ".join(info.source_columns[:8]) + ("..." if len(info.source_columns) > 8 else "")
         info.problem = f"lacks column(s) {', '.join(missing)}"
@@ -282,7 +282,7 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
         _create_empty_view(con, table)
         return info
 
-    _check_types(con, table, relation, location, columns, source_cols)
+    info.n_rows = _count_and_check_types(con, table, relation, location, columns, source_cols)
     select = []
     for col, src in columns:
         if src is None:
@@ -296,7 +296,9 @@ def _create_typed_view(con, table: str, relation: str, location: str) -> TableIn
     return info
 
 
-def _check_types(con, table, relation, location, columns, source_cols) -> None:
+def _count_and_check_types(con, table, relation, location, columns, source_cols) -> int:
+    """The table's rows, counted in the same scan that checks every value casts to its type
+    (one pass over a CSV file, not two); a value that does not stops the run, naming it."""
     checks = []
     for col, src in columns:
         if src is None or col.type == VARCHAR:
@@ -308,10 +310,10 @@ def _check_types(con, table, relation, location, columns, source_cols) -> None:
         cast = _cast(expr, src_type, col.type)
         bad = f"{expr} IS NOT NULL AND trim(CAST({expr} AS VARCHAR)) <> '' AND {cast} IS NULL"
         checks.append((col, src, bad))
-    if not checks:
-        return
-    counts = con.execute(
-        "SELECT " + ", ".join(f"count_if({bad})" for _, _, bad in checks) + f" FROM {relation}"
+    n_rows, *counts = con.execute(
+        "SELECT "
+        + ", ".join(["count(*)", *(f"count_if({bad})" for _, _, bad in checks)])
+        + f" FROM {relation}"
     ).fetchall()[0]
     for (col, src, bad), n_bad in zip(checks, counts, strict=True):
         if not n_bad:
@@ -327,3 +329,4 @@ def _check_types(con, table, relation, location, columns, source_cols) -> None:
             f"be read as {col.type}, the first {str(value)!r} in data row {row}; fix or blank "
             "those values."
         )
+    return int(n_rows)
