@@ -21,7 +21,7 @@ import pyarrow as pa
 from ehrgpt.meds_format import columns as mc
 from ehrgpt.tokenizer.fit import ShardStatistics, shard_statistics
 from ehrgpt.util import atomic
-from ehrgpt.util.engines import fault_point, with_fault
+from ehrgpt.util.engines import LocalEngine, RayEngine, fault_point, with_fault
 from ehrgpt.util.resume import Journal
 
 #: The polars schema of a MEDS shard's rows (``EVENT_SCHEMA``).
@@ -92,7 +92,7 @@ def gather_shard(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def gather_all(
-    engine,
+    engine: LocalEngine | RayEngine,
     journal: Journal,
     outputs: list[tuple[str, int]],
     *,
