@@ -64,16 +64,15 @@ _TIE_BREAKERS = ("numeric_value", "text_value", "unit", "value_code", mc.END, "o
 def gather_shard(spec: dict[str, Any]) -> dict[str, Any]:
     """Task: one output shard from every patient shard's bucket, sorted, as a MEDS shard.
 
-    Returns its number of rows, the vocabulary's statistics (training shards, else None) and
-    the codes, units and value codes it uses (``codes``, a Series).
+    Returns its number of rows, the vocabulary's statistics (training shards, else None), the
+    codes it uses (``codes``) and its units and value codes (``value_codes``), as Series.
     """
     buckets = Path(spec["staging"]) / "buckets"
     where = f"split={spec['split']}/shard={spec['shard']}"
     files = [f for p in range(spec["n_parts"]) for f in parquet_files(buckets / str(p) / where)]
     frame = sort_events(pl.read_parquet(files))
-    codes = pl.concat(
-        [frame[c].drop_nulls().unique().alias("code") for c in ("code", "unit", "value_code")]
-    )
+    codes = frame["code"].unique()
+    value_codes = pl.concat([frame[c].drop_nulls().unique() for c in ("unit", "value_code")])
     seed = spec.get("statistics_seed")
     stats = None
     if seed is not None and frame.schema == _EVENT_FRAME_SCHEMA:  # the rows as written
@@ -88,7 +87,12 @@ def gather_shard(spec: dict[str, Any]) -> dict[str, Any]:
     atomic.write_parquet(Path(spec["out"]), table)
     if seed is not None and stats is None:
         stats = shard_statistics(pl.from_arrow(table), seed)
-    return {"n_rows": table.num_rows, "statistics": stats, "codes": codes.unique()}
+    return {
+        "n_rows": table.num_rows,
+        "statistics": stats,
+        "codes": codes,
+        "value_codes": value_codes.unique().alias("code"),
+    }
 
 
 def gather_all(

@@ -263,7 +263,7 @@ def import_meds(
     n_written = sum(g["n_rows"] for g in gathered)
     steps.advance("metadata")
     codes_path = src / "metadata" / "codes.parquet"
-    used = pl.scan_parquet(out_shards).select("code").unique().collect()
+    used = pl.concat([g["codes"] for g in gathered]).unique().to_frame("code")
     codes = used
     if codes_path.exists():
         given = pl.read_parquet(codes_path)

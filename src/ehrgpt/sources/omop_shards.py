@@ -370,7 +370,8 @@ def run(
     lap("gather")
 
     con.execute(f"SET memory_limit={sql_str(main_limit)}")
-    used = pl.concat([g["codes"] for g in gathered]).unique().to_frame("code")
+    used = pl.concat([g[k] for g in gathered for k in ("codes", "value_codes")])
+    used = used.unique().to_frame("code")
     codes = codes_frame(con, used)
     write_metadata(
         meds_dir,
